@@ -1,0 +1,129 @@
+//! The one AEAD used for file blocks, xattr values and key wrapping: AES-256-GCM with a
+//! 96-bit random nonce and a 128-bit tag. Swapping the implementation happens only here.
+
+use super::Key32;
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+
+/// Nonce length in bytes.
+pub const NONCE_LEN: usize = 12;
+/// Authentication tag length in bytes.
+pub const TAG_LEN: usize = 16;
+/// Bytes added to each sealed message: nonce in front, tag behind.
+pub const OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+
+/// Authentication failed: wrong key, wrong associated data or modified ciphertext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthError;
+
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("authentication failed")
+    }
+}
+impl std::error::Error for AuthError {}
+
+/// An initialised AES-256-GCM cipher for one key. Holds the expanded key schedule,
+/// which the underlying crate zeroizes on drop.
+pub struct Cipher {
+    inner: Aes256Gcm,
+}
+
+impl std::fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cipher(<redacted>)")
+    }
+}
+
+impl Cipher {
+    /// Build the cipher for `key`.
+    pub fn new(key: &Key32) -> Self {
+        Self {
+            inner: Aes256Gcm::new(key.expose().into()),
+        }
+    }
+
+    /// Seal `plaintext` into `out`, which must be exactly `plaintext.len() + OVERHEAD` bytes:
+    /// a fresh random nonce, the ciphertext, the tag.
+    pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut [u8]) {
+        assert_eq!(out.len(), plaintext.len() + OVERHEAD, "seal_into: bad output length");
+        let (nonce_out, rest) = out.split_at_mut(NONCE_LEN);
+        super::random_bytes(nonce_out);
+        let (ct, tag_out) = rest.split_at_mut(plaintext.len());
+        ct.copy_from_slice(plaintext);
+        let nonce = Nonce::try_from(&nonce_out[..]).expect("nonce length is NONCE_LEN");
+        let tag = self
+            .inner
+            .encrypt_inout_detached(&nonce, aad, ct.into())
+            .expect("AES-GCM encryption of a block-sized message cannot fail");
+        tag_out.copy_from_slice(&tag);
+    }
+
+    /// Seal into a new vector.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; plaintext.len() + OVERHEAD];
+        self.seal_into(aad, plaintext, &mut out);
+        out
+    }
+
+    /// Open a sealed message into `out` (exactly `sealed.len() - OVERHEAD` bytes).
+    /// On failure `out` is zeroed so no unauthenticated plaintext escapes.
+    pub fn open_into(&self, aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
+        if sealed.len() < OVERHEAD || out.len() != sealed.len() - OVERHEAD {
+            return Err(AuthError);
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        out.copy_from_slice(ct);
+        let nonce = Nonce::try_from(nonce).map_err(|_| AuthError)?;
+        let tag = Tag::try_from(tag).map_err(|_| AuthError)?;
+        match self
+            .inner
+            .decrypt_inout_detached(&nonce, aad, out.into(), &tag)
+        {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                out.fill(0);
+                Err(AuthError)
+            }
+        }
+    }
+
+    /// Open into a new vector.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, AuthError> {
+        if sealed.len() < OVERHEAD {
+            return Err(AuthError);
+        }
+        let mut out = vec![0u8; sealed.len() - OVERHEAD];
+        self.open_into(aad, sealed, &mut out)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_tamper() {
+        let c = Cipher::new(&Key32::from_bytes([9u8; 32]));
+        let sealed = c.seal(b"aad", b"hello world");
+        assert_eq!(sealed.len(), 11 + OVERHEAD);
+        assert_eq!(c.open(b"aad", &sealed).unwrap(), b"hello world");
+        assert_eq!(c.open(b"other", &sealed), Err(AuthError));
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(c.open(b"aad", &bad), Err(AuthError), "flip at {i}");
+        }
+        assert_eq!(c.open(b"aad", &sealed[..5]), Err(AuthError));
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        let c = Cipher::new(&Key32::from_bytes([9u8; 32]));
+        let a = c.seal(b"", b"same");
+        let b = c.seal(b"", b"same");
+        assert_ne!(a[..NONCE_LEN], b[..NONCE_LEN]);
+    }
+}
