@@ -46,7 +46,11 @@ impl Cipher {
     /// Seal `plaintext` into `out`, which must be exactly `plaintext.len() + OVERHEAD` bytes:
     /// a fresh random nonce, the ciphertext, the tag.
     pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut [u8]) {
-        assert_eq!(out.len(), plaintext.len() + OVERHEAD, "seal_into: bad output length");
+        assert_eq!(
+            out.len(),
+            plaintext.len() + OVERHEAD,
+            "seal_into: bad output length"
+        );
         let (nonce_out, rest) = out.split_at_mut(NONCE_LEN);
         super::random_bytes(nonce_out);
         let (ct, tag_out) = rest.split_at_mut(plaintext.len());

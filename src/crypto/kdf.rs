@@ -59,6 +59,9 @@ mod tests {
         assert_ne!(a.expose(), c.expose());
         assert_ne!(a.expose(), d.expose());
         // Deterministic.
-        assert_eq!(a.expose(), derive32(&aek, &vid, FILE_LABEL, &[0u8; 16]).expose());
+        assert_eq!(
+            a.expose(),
+            derive32(&aek, &vid, FILE_LABEL, &[0u8; 16]).expose()
+        );
     }
 }

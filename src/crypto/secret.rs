@@ -58,7 +58,11 @@ macro_rules! secret_key {
 }
 
 secret_key!(Key32, 32, "A 256-bit secret key (AEK, DEK, KEK material).");
-secret_key!(Key64, 64, "A 512-bit secret key (AES-256-SIV uses two 256-bit halves).");
+secret_key!(
+    Key64,
+    64,
+    "A 512-bit secret key (AES-256-SIV uses two 256-bit halves)."
+);
 
 #[cfg(test)]
 mod tests {

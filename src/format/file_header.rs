@@ -45,7 +45,9 @@ impl FileHeader {
         }
         let version = r.u16("file header version")?;
         if version != FILE_VERSION {
-            return Err(FormatError(format!("unknown file header version {version}")));
+            return Err(FormatError(format!(
+                "unknown file header version {version}"
+            )));
         }
         let flags = r.u16("file header flags")?;
         if flags != 0 {

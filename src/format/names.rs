@@ -122,7 +122,9 @@ mod tests {
         assert_eq!(classify(n.entry().as_bytes()), Found::Short(ct));
         let long = vec![9u8; 16 + 255];
         let n = encode(&long);
-        let BackingName::Long { hashed, full } = &n else { panic!("expected long") };
+        let BackingName::Long { hashed, full } = &n else {
+            panic!("expected long")
+        };
         assert!(hashed.len() <= MAX_BACKING_NAME);
         assert_eq!(classify(hashed.as_bytes()), Found::Long);
         assert_eq!(decode_long(hashed, full.as_bytes()).unwrap(), long);
@@ -138,7 +140,14 @@ mod tests {
 
     #[test]
     fn internal_names() {
-        for n in ["kekfs.volume", "kekfs.dirid", "kekfs.lock", "kekfs.tmp.x", "a.b", "x y"] {
+        for n in [
+            "kekfs.volume",
+            "kekfs.dirid",
+            "kekfs.lock",
+            "kekfs.tmp.x",
+            "a.b",
+            "x y",
+        ] {
             assert_eq!(classify(n.as_bytes()), Found::Internal, "{n}");
         }
         assert_eq!(classify(b"\xff\xfe"), Found::Internal);

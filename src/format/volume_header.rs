@@ -99,7 +99,9 @@ impl VolumeHeader {
         }
         let flags = r.u16("flags")?;
         if flags != 0 {
-            return Err(FormatError(format!("unknown volume feature flags {flags:#x}")));
+            return Err(FormatError(format!(
+                "unknown volume feature flags {flags:#x}"
+            )));
         }
         let volume_id = r.array::<16>("volume id")?;
         let bs = r.u32("block size")?;
@@ -157,8 +159,9 @@ impl VolumeHeader {
         let mut m = Hmac::<Sha256>::new_from_slice(mac_key.expose())
             .map_err(|_| FormatError("HMAC key".into()))?;
         m.update(&body);
-        m.verify_slice(mac)
-            .map_err(|_| FormatError("volume header authentication failed (tampered header)".into()))
+        m.verify_slice(mac).map_err(|_| {
+            FormatError("volume header authentication failed (tampered header)".into())
+        })
     }
 }
 

@@ -1,0 +1,1256 @@
+//! The FUSE frontend: translates kernel requests into operations on the backing tree,
+//! calling the volume for names, symlinks, xattrs and content. No cryptography here.
+
+pub mod nodes;
+pub mod sys;
+
+use crate::format::names::{self, BackingName, Found};
+use crate::format::offsets::{MAX_FILE_SIZE, plaintext_size};
+use crate::format::{DIRID_FILE, FormatError, parse_dirid};
+use crate::volume::content::{self, ContentError};
+use crate::volume::{FileCipher, Volume};
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use log::{error, warn};
+use nodes::{Node, NodeTable, kind_of, kind_of_dtype};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and entries.
+const TTL: Duration = Duration::from_secs(1);
+
+type Res<T> = Result<T, Errno>;
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// An open regular file.
+struct OpenFile {
+    node: Arc<Node>,
+    file: File,
+    writable: bool,
+}
+
+/// An open directory: a snapshot of its decrypted entries.
+struct OpenDir {
+    entries: Vec<(Vec<u8>, u64, FileType)>,
+}
+
+/// The kekfs filesystem served over FUSE.
+pub struct KekFs {
+    vol: Arc<Volume>,
+    nodes: Mutex<NodeTable>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    next_fh: AtomicU64,
+    root_backing_ino: u64,
+    root_dev: u64,
+    read_only: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl KekFs {
+    /// Serve the volume whose backing root is `backing`.
+    pub fn new(vol: Arc<Volume>, backing: &Path, read_only: bool) -> io::Result<KekFs> {
+        let root = sys::openat(
+            libc::AT_FDCWD,
+            &sys::cstr(backing.as_os_str().as_bytes())?,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        let st = sys::fstat(root.as_raw_fd())?;
+        let mut table = NodeTable::default();
+        table.insert_root(Node::new(1, root, FileType::Directory));
+        Ok(KekFs {
+            vol,
+            nodes: Mutex::new(table),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            root_backing_ino: st.st_ino,
+            root_dev: st.st_dev,
+            read_only,
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> Res<Arc<Node>> {
+        lock(&self.nodes).get(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn backing_path(&self, node: &Node) -> String {
+        std::fs::read_link(format!("/proc/self/fd/{}", node.raw()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| format!("inode {}", node.ino))
+    }
+
+    fn fuse_ino(&self, st: &libc::stat) -> Res<u64> {
+        if st.st_dev != self.root_dev {
+            warn!("backing tree crosses into another filesystem; refusing that entry");
+            return Err(Errno::EXDEV);
+        }
+        if st.st_ino == self.root_backing_ino {
+            Ok(1)
+        } else if st.st_ino == 1 {
+            error!("backing inode number 1 collides with the FUSE root id");
+            Err(Errno::EIO)
+        } else {
+            Ok(st.st_ino)
+        }
+    }
+
+    fn attr(&self, ino: u64, st: &libc::stat, node: Option<&Node>) -> FileAttr {
+        let kind = kind_of(st.st_mode);
+        let size = match kind {
+            FileType::RegularFile => plaintext_size(st.st_size as u64),
+            FileType::Symlink => {
+                // Stored target: base64url(nonce ‖ ct ‖ tag); report the plaintext length.
+                let enc = st.st_size as u64;
+                (enc * 3 / 4).saturating_sub(crate::crypto::aead::OVERHEAD as u64)
+            }
+            _ => st.st_size as u64,
+        };
+        let _ = node;
+        let ts = |s: i64, ns: i64| {
+            if s >= 0 {
+                UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(ns as u64)
+            }
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: st.st_blocks as u64,
+            atime: ts(st.st_atime, st.st_atime_nsec),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn stat_node(&self, node: &Node) -> Res<FileAttr> {
+        let st = sys::fstat(node.raw()).map_err(|e| errno(&e))?;
+        Ok(self.attr(node.ino, &st, Some(node)))
+    }
+
+    fn dir_id(&self, dir: &Node) -> Res<[u8; 16]> {
+        if let Some(id) = dir.dir_id.get() {
+            return Ok(*id);
+        }
+        let read = || -> Result<[u8; 16], String> {
+            let fd = sys::openat(
+                dir.raw(),
+                &sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| e.to_string())?,
+                libc::O_RDONLY,
+                0,
+            )
+            .map_err(|e| e.to_string())?;
+            let f = File::from(fd);
+            let mut buf = Vec::with_capacity(32);
+            use std::io::Read;
+            f.take(64)
+                .read_to_end(&mut buf)
+                .map_err(|e| e.to_string())?;
+            parse_dirid(&buf).map_err(|FormatError(m)| m)
+        };
+        match read() {
+            Ok(id) => Ok(*dir.dir_id.get_or_init(|| id)),
+            Err(m) => {
+                error!("{}: cannot read directory id: {m}", self.backing_path(dir));
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    fn backing_name(&self, parent: &Node, name: &OsStr) -> Res<BackingName> {
+        let id = self.dir_id(parent)?;
+        self.vol
+            .encrypt_name(&id, name.as_bytes())
+            .ok_or(Errno::ENAMETOOLONG)
+    }
+
+    /// Look up a backing entry and count a kernel reference to it.
+    fn lookup_entry(&self, parent: &Node, entry: &str) -> Res<(Arc<Node>, FileAttr)> {
+        let c = sys::cstr(entry.as_bytes()).map_err(|e| errno(&e))?;
+        let fd = sys::openat(parent.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .map_err(|e| errno(&e))?;
+        let st = sys::fstat(fd.as_raw_fd()).map_err(|e| errno(&e))?;
+        let ino = self.fuse_ino(&st)?;
+        let kind = kind_of(st.st_mode);
+        let node = lock(&self.nodes).reference(ino, || Node::new(ino, fd, kind));
+        let attr = self.attr(ino, &st, Some(&node));
+        Ok((node, attr))
+    }
+
+    fn write_sidecar(&self, parent: &Node, bn: &BackingName) -> Res<()> {
+        if let (Some(side), BackingName::Long { full, .. }) = (bn.sidecar(), bn) {
+            let c = sys::cstr(side.as_bytes()).map_err(|e| errno(&e))?;
+            let fd = sys::openat(
+                parent.raw(),
+                &c,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                0o600,
+            )
+            .map_err(|e| errno(&e))?;
+            use std::io::Write;
+            File::from(fd)
+                .write_all(full.as_bytes())
+                .map_err(|e| errno(&e))?;
+        }
+        Ok(())
+    }
+
+    fn remove_sidecar(&self, parent: &Node, bn: &BackingName) {
+        if let Some(side) = bn.sidecar()
+            && let Ok(c) = sys::cstr(side.as_bytes())
+        {
+            let _ = sys::unlinkat(parent.raw(), &c, 0);
+        }
+    }
+
+    /// Set owner of a new entry to the caller (group from a setgid parent).
+    fn set_owner(&self, req: &Request, parent: &Node, fd: i32) -> Res<()> {
+        let pst = sys::fstat(parent.raw()).map_err(|e| errno(&e))?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            req.gid()
+        };
+        sys::chown_fd(fd, Some(req.uid()), Some(gid)).map_err(|e| errno(&e))
+    }
+
+    fn content_err(&self, node: &Node, e: ContentError) -> Errno {
+        match e {
+            ContentError::Io(e) => errno(&e),
+            ContentError::TooLarge => Errno::EFBIG,
+            other => {
+                error!("{}: {other}", self.backing_path(node));
+                Errno::EIO
+            }
+        }
+    }
+
+    fn open_content(&self, node: &Node, writable: bool) -> Res<File> {
+        let flags = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        let fd = sys::openat(libc::AT_FDCWD, &sys::proc_path(node.raw()), flags, 0)
+            .map_err(|e| errno(&e))?;
+        Ok(File::from(fd))
+    }
+
+    /// The node's content cipher; writes a header first when the file has none and
+    /// `create` is set (an empty file gets its id on first write).
+    fn cipher(&self, node: &Node, file: &File, create: bool) -> Res<Option<Arc<FileCipher>>> {
+        let mut slot = lock(&node.cipher);
+        if let Some(c) = slot.as_ref() {
+            return Ok(Some(c.clone()));
+        }
+        let header = match content::read_file_header(file) {
+            Ok(Some(h)) => h,
+            Ok(None) if create => {
+                let h = crate::format::file_header::FileHeader::new_random();
+                content::write_file_header(file, &h).map_err(|e| self.content_err(node, e))?;
+                h
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(self.content_err(node, e)),
+        };
+        let c = Arc::new(self.vol.file_cipher(&header.file_id));
+        *slot = Some(c.clone());
+        Ok(Some(c))
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
+        lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn check_writable(&self) -> Res<()> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn truncate_node(&self, node: &Node, file: &File, size: u64) -> Res<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG);
+        }
+        let _w = node.content.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(c) = self.cipher(node, file, size > 0)? else {
+            return Ok(()); // empty file truncated to 0
+        };
+        content::truncate(file, &c, size).map_err(|e| self.content_err(node, e))
+    }
+
+    /// Is backing directory `fd` empty apart from kekfs's own files?
+    fn dir_is_empty(&self, fd: i32) -> Res<bool> {
+        let list = sys::list_dir(fd).map_err(|e| errno(&e))?;
+        Ok(list.iter().all(|(n, _, _)| n == DIRID_FILE.as_bytes()))
+    }
+
+    fn create_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        make: impl FnOnce(&Node, &std::ffi::CStr) -> Res<()>,
+    ) -> Res<(Arc<Node>, FileAttr)> {
+        self.check_writable()?;
+        let p = self.node(parent)?;
+        let bn = self.backing_name(&p, name)?;
+        let c = sys::cstr(bn.entry().as_bytes()).map_err(|e| errno(&e))?;
+        self.write_sidecar(&p, &bn)?;
+        if let Err(e) = make(&p, &c) {
+            if e != Errno::EEXIST {
+                self.remove_sidecar(&p, &bn);
+            }
+            return Err(e);
+        }
+        let (node, attr) = self.lookup_entry(&p, bn.entry())?;
+        self.set_owner(req, &p, node.raw())?;
+        let attr = FileAttr {
+            uid: req.uid(),
+            gid: self.stat_node(&node).map(|a| a.gid).unwrap_or(attr.gid),
+            ..attr
+        };
+        Ok((node, attr))
+    }
+
+    fn read_dir_entries(&self, dir: &Node) -> Res<Vec<(Vec<u8>, u64, FileType)>> {
+        let id = self.dir_id(dir)?;
+        let list = sys::list_dir(dir.raw()).map_err(|e| errno(&e))?;
+        let mut out = Vec::with_capacity(list.len());
+        for (bname, bino, dtype) in list {
+            let ct = match names::classify(&bname) {
+                Found::Short(ct) => ct,
+                Found::Long => {
+                    let side = [bname.as_slice(), names::LONG_SIDECAR_SUFFIX.as_bytes()].concat();
+                    let read = sys::cstr(&side)
+                        .and_then(|c| sys::openat(dir.raw(), &c, libc::O_RDONLY, 0))
+                        .and_then(|fd| {
+                            use std::io::Read;
+                            let mut v = Vec::new();
+                            File::from(fd).take(4096).read_to_end(&mut v)?;
+                            Ok(v)
+                        });
+                    match read
+                        .ok()
+                        .and_then(|s| names::decode_long(&String::from_utf8_lossy(&bname), &s))
+                    {
+                        Some(ct) => ct,
+                        None => {
+                            warn!(
+                                "{}: long-name entry with a missing or bad sidecar skipped",
+                                self.backing_path(dir)
+                            );
+                            continue;
+                        }
+                    }
+                }
+                Found::Internal => continue,
+            };
+            let Some(name) = self.vol.decrypt_name(&id, &ct) else {
+                warn!(
+                    "{}: entry {:?} does not decrypt in this directory; skipped",
+                    self.backing_path(dir),
+                    String::from_utf8_lossy(&bname)
+                );
+                continue;
+            };
+            let ino = if bino == self.root_backing_ino {
+                1
+            } else {
+                bino
+            };
+            let kind = match kind_of_dtype(dtype) {
+                Some(k) => k,
+                None => {
+                    let c = sys::cstr(&bname).map_err(|e| errno(&e))?;
+                    match sys::fstatat(dir.raw(), &c, libc::AT_SYMLINK_NOFOLLOW) {
+                        Ok(st) => kind_of(st.st_mode),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            out.push((name, ino, kind));
+        }
+        Ok(out)
+    }
+
+    fn xattr_path(&self, node: &Node) -> Res<std::ffi::CString> {
+        match node.kind {
+            FileType::RegularFile | FileType::Directory => Ok(sys::proc_path(node.raw())),
+            _ => Err(Errno::EPERM),
+        }
+    }
+
+    fn user_xattr<'a>(&self, name: &'a OsStr) -> Option<&'a [u8]> {
+        name.as_bytes()
+            .strip_prefix(b"user.")
+            .filter(|n| !n.is_empty())
+    }
+
+    fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Res<()> {
+        self.check_writable()?;
+        let p = self.node(parent)?;
+        let np = self.node(newparent)?;
+        let src = self.backing_name(&p, name)?;
+        let dst = self.backing_name(&np, newname)?;
+        let sc = sys::cstr(src.entry().as_bytes()).map_err(|e| errno(&e))?;
+        let dc = sys::cstr(dst.entry().as_bytes()).map_err(|e| errno(&e))?;
+        let src_st =
+            sys::fstatat(p.raw(), &sc, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| errno(&e))?;
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let mut restore_dirid: Option<(OwnedFd, [u8; 16])> = None;
+        if !exchange && !flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            // Replacing an empty directory: drop its id file so the backing rename succeeds.
+            if let Ok(dst_st) = sys::fstatat(np.raw(), &dc, libc::AT_SYMLINK_NOFOLLOW)
+                && dst_st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                && src_st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                && dst_st.st_ino != src_st.st_ino
+            {
+                let dfd = sys::openat(np.raw(), &dc, libc::O_PATH | libc::O_DIRECTORY, 0)
+                    .map_err(|e| errno(&e))?;
+                if !self.dir_is_empty(dfd.as_raw_fd())? {
+                    return Err(Errno::ENOTEMPTY);
+                }
+                let tmp = Node::new(0, dfd, FileType::Directory);
+                let id = self.dir_id(&tmp)?;
+                let idc = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| errno(&e))?;
+                sys::unlinkat(tmp.raw(), &idc, 0).map_err(|e| errno(&e))?;
+                restore_dirid = Some((tmp.fd, id));
+            }
+        }
+        self.write_sidecar(&np, &dst)?;
+        let r = sys::renameat2(p.raw(), &sc, np.raw(), &dc, flags.bits());
+        if let Err(e) = r {
+            if let Some((fd, id)) = restore_dirid {
+                let _ = write_dirid(fd.as_raw_fd(), &id);
+            }
+            return Err(errno(&e));
+        }
+        if !exchange && src.entry() != dst.entry() {
+            self.remove_sidecar(&p, &src);
+        }
+        Ok(())
+    }
+}
+
+fn write_dirid(dirfd: i32, id: &[u8; 16]) -> io::Result<()> {
+    let c = sys::cstr(DIRID_FILE.as_bytes())?;
+    let fd = sys::openat(
+        dirfd,
+        &c,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        0o600,
+    )?;
+    let f = File::from(fd);
+    use std::io::Write;
+    (&f).write_all(id)?;
+    f.sync_all()
+}
+
+fn to_timespec(t: Option<TimeOrNow>) -> sys::TimeSpec {
+    match t {
+        None => None,
+        Some(TimeOrNow::Now) => Some(None),
+        Some(TimeOrNow::SpecificTime(t)) => Some(Some(t)),
+    }
+}
+
+impl fuser::Filesystem for KekFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = (|| {
+            let p = self.node(parent)?;
+            let bn = self.backing_name(&p, name)?;
+            self.lookup_entry(&p, bn.entry())
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.nodes).forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino).and_then(|n| self.stat_node(&n)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            if mode.is_some()
+                || uid.is_some()
+                || gid.is_some()
+                || size.is_some()
+                || atime.is_some()
+                || mtime.is_some()
+            {
+                self.check_writable()?;
+            }
+            if let Some(size) = size {
+                if node.kind != FileType::RegularFile {
+                    return Err(Errno::EINVAL);
+                }
+                let handle = fh.and_then(|fh| self.file(fh).ok()).filter(|h| h.writable);
+                match handle {
+                    Some(h) => self.truncate_node(&node, &h.file, size)?,
+                    None => {
+                        let f = self.open_content(&node, true)?;
+                        self.truncate_node(&node, &f, size)?;
+                    }
+                }
+            }
+            if uid.is_some() || gid.is_some() {
+                sys::chown_fd(node.raw(), uid, gid).map_err(|e| errno(&e))?;
+            }
+            if let Some(mode) = mode
+                && node.kind != FileType::Symlink
+            {
+                sys::chmod_fd(node.raw(), mode & 0o7777).map_err(|e| errno(&e))?;
+            }
+            if (atime.is_some() || mtime.is_some()) && node.kind != FileType::Symlink {
+                sys::utimens_fd(node.raw(), to_timespec(atime), to_timespec(mtime))
+                    .map_err(|e| errno(&e))?;
+            }
+            self.stat_node(&node)
+        })();
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let stored = sys::readlink_fd(node.raw()).map_err(|e| errno(&e))?;
+            self.vol.decrypt_symlink(&stored).ok_or_else(|| {
+                error!(
+                    "{}: symlink target does not authenticate",
+                    self.backing_path(&node)
+                );
+                Errno::EIO
+            })
+        })();
+        match r {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_entry(req, parent, name, |p, c| {
+            if mode & libc::S_IFMT == libc::S_IFREG {
+                let fd = sys::openat(
+                    p.raw(),
+                    c,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    mode & 0o7777,
+                )
+                .map_err(|e| errno(&e))?;
+                let h = crate::format::file_header::FileHeader::new_random();
+                content::write_file_header(&File::from(fd), &h).map_err(|_| Errno::EIO)
+            } else {
+                sys::mknodat(p.raw(), c, mode, rdev as u64).map_err(|e| errno(&e))
+            }
+        });
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_entry(req, parent, name, |p, c| {
+            // Build the directory under a temporary name with its id inside, then rename it
+            // into place, so a crash never leaves a directory without an id.
+            let tmp = format!(
+                "kekfs.tmp.{}",
+                crate::volume::hex(&crate::crypto::random_array::<8>())
+            );
+            let tc = sys::cstr(tmp.as_bytes()).map_err(|e| errno(&e))?;
+            sys::mkdirat(p.raw(), &tc, mode & 0o7777).map_err(|e| errno(&e))?;
+            let cleanup = |e: io::Error| {
+                let _ = sys::unlinkat(p.raw(), &tc, libc::AT_REMOVEDIR);
+                errno(&e)
+            };
+            let dfd =
+                sys::openat(p.raw(), &tc, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(cleanup)?;
+            let id: [u8; 16] = crate::crypto::random_array();
+            if let Err(e) = write_dirid(dfd.as_raw_fd(), &id) {
+                let idc = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| errno(&e))?;
+                let _ = sys::unlinkat(dfd.as_raw_fd(), &idc, 0);
+                return Err(cleanup(e));
+            }
+            if let Err(e) = sys::renameat2(p.raw(), &tc, p.raw(), c, libc::RENAME_NOREPLACE) {
+                let idc = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| errno(&e))?;
+                let _ = sys::unlinkat(dfd.as_raw_fd(), &idc, 0);
+                let _ = cleanup(io::Error::from_raw_os_error(0));
+                return Err(errno(&e));
+            }
+            Ok(())
+        });
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            self.check_writable()?;
+            let p = self.node(parent)?;
+            let bn = self.backing_name(&p, name)?;
+            let c = sys::cstr(bn.entry().as_bytes()).map_err(|e| errno(&e))?;
+            sys::unlinkat(p.raw(), &c, 0).map_err(|e| errno(&e))?;
+            self.remove_sidecar(&p, &bn);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            self.check_writable()?;
+            let p = self.node(parent)?;
+            let bn = self.backing_name(&p, name)?;
+            let c = sys::cstr(bn.entry().as_bytes()).map_err(|e| errno(&e))?;
+            let dfd = sys::openat(
+                p.raw(),
+                &c,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|e| errno(&e))?;
+            if !self.dir_is_empty(dfd.as_raw_fd())? {
+                return Err(Errno::ENOTEMPTY);
+            }
+            let tmp = Node::new(0, dfd, FileType::Directory);
+            let id = self.dir_id(&tmp).ok();
+            let idc = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| errno(&e))?;
+            let _ = sys::unlinkat(tmp.raw(), &idc, 0);
+            if let Err(e) = sys::unlinkat(p.raw(), &c, libc::AT_REMOVEDIR) {
+                if let Some(id) = id {
+                    let _ = write_dirid(tmp.raw(), &id);
+                }
+                return Err(errno(&e));
+            }
+            self.remove_sidecar(&p, &bn);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_entry(req, parent, link_name, |p, c| {
+            let enc = self.vol.encrypt_symlink(target.as_os_str().as_bytes());
+            if enc.len() >= libc::PATH_MAX as usize {
+                return Err(Errno::ENAMETOOLONG);
+            }
+            let t = sys::cstr(enc.as_bytes()).map_err(|e| errno(&e))?;
+            sys::symlinkat(&t, p.raw(), c).map_err(|e| errno(&e))
+        });
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(parent, name, newparent, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            self.check_writable()?;
+            let node = self.node(ino)?;
+            if node.kind == FileType::Directory {
+                return Err(Errno::EPERM);
+            }
+            let p = self.node(newparent)?;
+            let bn = self.backing_name(&p, newname)?;
+            let c = sys::cstr(bn.entry().as_bytes()).map_err(|e| errno(&e))?;
+            self.write_sidecar(&p, &bn)?;
+            if let Err(e) = sys::link_fd(node.raw(), p.raw(), &c) {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    self.remove_sidecar(&p, &bn);
+                }
+                return Err(errno(&e));
+            }
+            self.lookup_entry(&p, bn.entry())
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let acc = flags.0 & libc::O_ACCMODE;
+            let writable = acc != libc::O_RDONLY;
+            if writable {
+                self.check_writable()?;
+            }
+            // Read-modify-write of partial blocks needs read access even for O_WRONLY.
+            let file = self.open_content(&node, writable)?;
+            if flags.0 & libc::O_TRUNC != 0 && writable {
+                self.truncate_node(&node, &file, 0)?;
+            }
+            let fh = self.new_fh();
+            lock(&self.files).insert(
+                fh,
+                Arc::new(OpenFile {
+                    node,
+                    file,
+                    writable,
+                }),
+            );
+            Ok(fh)
+        })();
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = (|| {
+            let h = self.file(fh)?;
+            let _r = h
+                .node
+                .content
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(c) = self.cipher(&h.node, &h.file, false)? else {
+                return Ok(Vec::new());
+            };
+            content::read(&h.file, &c, offset, size).map_err(|e| self.content_err(&h.node, e))
+        })();
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let r = (|| {
+            let h = self.file(fh)?;
+            if !h.writable {
+                return Err(Errno::EBADF);
+            }
+            let _w = h
+                .node
+                .content
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let c = self.cipher(&h.node, &h.file, true)?.ok_or(Errno::EIO)?;
+            content::write(&h.file, &c, offset, data).map_err(|e| self.content_err(&h.node, e))
+        })();
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes go straight to the backing file; nothing is buffered here.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.files).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.file(fh).and_then(|h| {
+            let res = if datasync {
+                h.file.sync_data()
+            } else {
+                h.file.sync_all()
+            };
+            res.map_err(|e| errno(&e))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let mut entries = vec![
+                (b".".to_vec(), ino.0, FileType::Directory),
+                (b"..".to_vec(), ino.0, FileType::Directory),
+            ];
+            entries.extend(self.read_dir_entries(&node)?);
+            let fh = self.new_fh();
+            lock(&self.dirs).insert(fh, Arc::new(OpenDir { entries }));
+            Ok(fh)
+        })();
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(d) = lock(&self.dirs).get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        for (i, (name, ino, kind)) in d.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(*ino),
+                (i + 1) as u64,
+                *kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let fd = sys::openat(node.raw(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .map_err(|e| errno(&e))?;
+            File::from(fd).sync_all().map_err(|e| errno(&e))
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let r = self.node(INodeNo(1)).and_then(|root| {
+            let fd = sys::openat(root.raw(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .map_err(|e| errno(&e))?;
+            sys::statvfs_fd(fd.as_raw_fd()).map_err(|e| errno(&e))
+        });
+        match r {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                names::MAX_PLAIN_NAME as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            self.check_writable()?;
+            let node = self.node(ino)?;
+            let Some(user) = self.user_xattr(name) else {
+                return Err(Errno::ENOTSUP);
+            };
+            let path = self.xattr_path(&node)?;
+            let bname = self.vol.encrypt_xattr_name(user);
+            if bname.len() > 255 {
+                return Err(Errno::ERANGE);
+            }
+            let sealed = self.vol.seal_xattr_value(name.as_bytes(), value);
+            let c = sys::cstr(bname.as_bytes()).map_err(|e| errno(&e))?;
+            sys::setxattr(&path, &c, &sealed, flags).map_err(|e| errno(&e))
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let Some(user) = self.user_xattr(name) else {
+                return Err(Errno::ENODATA);
+            };
+            let path = match self.xattr_path(&node) {
+                Ok(p) => p,
+                Err(_) => return Err(Errno::ENODATA),
+            };
+            let bname = self.vol.encrypt_xattr_name(user);
+            let c = sys::cstr(bname.as_bytes()).map_err(|e| errno(&e))?;
+            let sealed = sys::getxattr(&path, &c).map_err(|e| errno(&e))?;
+            self.vol
+                .open_xattr_value(name.as_bytes(), &sealed)
+                .ok_or_else(|| {
+                    error!(
+                        "{}: xattr value does not authenticate",
+                        self.backing_path(&node)
+                    );
+                    Errno::EIO
+                })
+        })();
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = (|| {
+            let node = self.node(ino)?;
+            let Ok(path) = self.xattr_path(&node) else {
+                return Ok(Vec::new());
+            };
+            let raw = sys::listxattr(&path).map_err(|e| errno(&e))?;
+            let mut out = Vec::new();
+            for n in raw.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                if let Some(user) = self.vol.decrypt_xattr_name(n) {
+                    out.extend_from_slice(b"user.");
+                    out.extend_from_slice(&user);
+                    out.push(0);
+                }
+            }
+            Ok(out)
+        })();
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            self.check_writable()?;
+            let node = self.node(ino)?;
+            let Some(user) = self.user_xattr(name) else {
+                return Err(Errno::ENODATA);
+            };
+            let path = self.xattr_path(&node)?;
+            let c =
+                sys::cstr(self.vol.encrypt_xattr_name(user).as_bytes()).map_err(|e| errno(&e))?;
+            sys::removexattr(&path, &c).map_err(|e| errno(&e))
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); this only confirms
+        // the inode still exists.
+        match self.node(ino) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = (|| {
+            let mut opened: Option<File> = None;
+            let (node, attr) = self.create_entry(req, parent, name, |p, c| {
+                let fd = sys::openat(
+                    p.raw(),
+                    c,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                    mode & 0o7777,
+                )
+                .map_err(|e| errno(&e))?;
+                let f = File::from(fd);
+                let h = crate::format::file_header::FileHeader::new_random();
+                content::write_file_header(&f, &h).map_err(|_| Errno::EIO)?;
+                opened = Some(f);
+                Ok(())
+            })?;
+            let file = opened.ok_or(Errno::EIO)?;
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+            let fh = self.new_fh();
+            lock(&self.files).insert(
+                fh,
+                Arc::new(OpenFile {
+                    node,
+                    file,
+                    writable,
+                }),
+            );
+            Ok((fh, attr))
+        })();
+        match r {
+            Ok((fh, attr)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            self.check_writable()?;
+            let h = self.file(fh)?;
+            if !h.writable {
+                return Err(Errno::EBADF);
+            }
+            let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+            let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+            let zero = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+            if mode
+                & !(libc::FALLOC_FL_KEEP_SIZE
+                    | libc::FALLOC_FL_PUNCH_HOLE
+                    | libc::FALLOC_FL_ZERO_RANGE)
+                != 0
+            {
+                return Err(Errno::ENOTSUP);
+            }
+            if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && !keep_size {
+                return Err(Errno::EINVAL);
+            }
+            let _w = h
+                .node
+                .content
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let c = self.cipher(&h.node, &h.file, true)?.ok_or(Errno::EIO)?;
+            let size = content::size_of(&h.file).map_err(|e| self.content_err(&h.node, e))?;
+            if zero {
+                content::zero_range(&h.file, &c, offset, length.min(size.saturating_sub(offset)))
+                    .map_err(|e| self.content_err(&h.node, e))?;
+            }
+            if !keep_size && end > size {
+                content::truncate(&h.file, &c, end).map_err(|e| self.content_err(&h.node, e))?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -133,7 +133,9 @@ impl KekUri {
                     match part.split_once('=') {
                         Some(("version", v)) => {
                             let n: u32 = v.parse().map_err(|_| {
-                                KekError::BadUri(format!("version must be a positive integer, got {v:?}"))
+                                KekError::BadUri(format!(
+                                    "version must be a positive integer, got {v:?}"
+                                ))
                             })?;
                             if n == 0 {
                                 return Err(KekError::BadUri("versions start at 1".into()));
@@ -167,7 +169,10 @@ impl KekUri {
 impl fmt::Display for KekUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KekUri::Soft { name, version: None } => write!(f, "soft:{name}"),
+            KekUri::Soft {
+                name,
+                version: None,
+            } => write!(f, "soft:{name}"),
             KekUri::Soft {
                 name,
                 version: Some(v),
@@ -217,14 +222,30 @@ mod tests {
     fn parse_soft_uris() {
         assert_eq!(
             KekUri::parse("soft:vol-kek").unwrap(),
-            KekUri::Soft { name: "vol-kek".into(), version: None }
+            KekUri::Soft {
+                name: "vol-kek".into(),
+                version: None
+            }
         );
         assert_eq!(
             KekUri::parse("soft:k?version=3").unwrap(),
-            KekUri::Soft { name: "k".into(), version: Some(3) }
+            KekUri::Soft {
+                name: "k".into(),
+                version: Some(3)
+            }
         );
-        assert_eq!(KekUri::parse("soft:k?version=3").unwrap().to_string(), "soft:k?version=3");
-        for bad in ["soft:", "soft:k?version=0", "soft:k?version=x", "soft:k?foo=1", "file:x", "soft:a/b"] {
+        assert_eq!(
+            KekUri::parse("soft:k?version=3").unwrap().to_string(),
+            "soft:k?version=3"
+        );
+        for bad in [
+            "soft:",
+            "soft:k?version=0",
+            "soft:k?version=x",
+            "soft:k?foo=1",
+            "file:x",
+            "soft:a/b",
+        ] {
             assert!(KekUri::parse(bad).is_err(), "{bad}");
         }
     }

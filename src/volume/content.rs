@@ -151,7 +151,11 @@ fn read_blocks(
     let mut ppos = 0usize;
     for b in first..=last {
         let pl = block_plain_len(b, size);
-        fc.open_block(b, &ct[cpos..cpos + pl + OVERHEAD], &mut plain[ppos..ppos + pl])?;
+        fc.open_block(
+            b,
+            &ct[cpos..cpos + pl + OVERHEAD],
+            &mut plain[ppos..ppos + pl],
+        )?;
         cpos += pl + OVERHEAD;
         ppos += pl;
     }
@@ -193,7 +197,7 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
     let plain_len = ((last - first) * BLOCK_SIZE) as usize + block_plain_len(last, new_size);
     let mut plain = vec![0u8; plain_len];
     let old_blocks = size.div_ceil(BLOCK_SIZE);
-    let first_partial = off % BLOCK_SIZE != 0 && first < old_blocks;
+    let first_partial = !off.is_multiple_of(BLOCK_SIZE) && first < old_blocks;
     let last_partial = end % BLOCK_SIZE != 0
         && last < old_blocks
         && (end - last * BLOCK_SIZE) < block_plain_len(last, size) as u64;
@@ -255,7 +259,7 @@ pub fn truncate(file: &File, fc: &FileCipher, new_size: u64) -> Result<(), Conte
     }
     if new_size > size {
         pad_last_block(file, fc, size, new_size)?;
-    } else if new_size % BLOCK_SIZE != 0 {
+    } else if !new_size.is_multiple_of(BLOCK_SIZE) {
         // Reseal the new last block with its shortened plaintext.
         let b = new_size / BLOCK_SIZE;
         let mut plain = read_blocks(file, fc, size, b, b)?;
@@ -266,6 +270,59 @@ pub fn truncate(file: &File, fc: &FileCipher, new_size: u64) -> Result<(), Conte
         file.write_all_at(&ct, block_ct_offset(b))?;
     }
     file.set_len(ciphertext_size(new_size))?;
+    Ok(())
+}
+
+/// Make plaintext range `[off, off+len)` (clipped to the file size) read as zeros, punching
+/// holes in the backing file for whole blocks (all-zero ciphertext reads as a hole).
+pub fn zero_range(file: &File, fc: &FileCipher, off: u64, len: u64) -> Result<(), ContentError> {
+    let size = size_of(file)?;
+    let end = off.saturating_add(len).min(size);
+    if off >= end {
+        return Ok(());
+    }
+    let first_full = off.div_ceil(BLOCK_SIZE);
+    let full_end = end / BLOCK_SIZE;
+    if first_full >= full_end {
+        return write(file, fc, off, &vec![0u8; (end - off) as usize]);
+    }
+    if off < first_full * BLOCK_SIZE {
+        write(
+            file,
+            fc,
+            off,
+            &vec![0u8; (first_full * BLOCK_SIZE - off) as usize],
+        )?;
+    }
+    if full_end * BLOCK_SIZE < end {
+        write(
+            file,
+            fc,
+            full_end * BLOCK_SIZE,
+            &vec![0u8; (end - full_end * BLOCK_SIZE) as usize],
+        )?;
+    }
+    let (cs, ce) = (block_ct_offset(first_full), block_ct_offset(full_end));
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a valid descriptor with in-range offsets.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            mode,
+            cs as i64,
+            (ce - cs) as i64,
+        )
+    };
+    if r != 0 {
+        // No hole punching on this backing fs: write zero ciphertext, which reads as a hole.
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = cs;
+        while pos < ce {
+            let n = (ce - pos).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+    }
     Ok(())
 }
 
@@ -290,7 +347,9 @@ mod tests {
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 42u64;
         let mut rnd = |m: u64| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) % m
         };
         for i in 0..400 {
@@ -338,9 +397,38 @@ mod tests {
         file.read_exact_at(&mut b1, block_ct_offset(1)).unwrap();
         file.write_all_at(&b1, block_ct_offset(0)).unwrap();
         file.write_all_at(&b0, block_ct_offset(1)).unwrap();
-        assert!(matches!(read(file, &fc, 0, 10), Err(ContentError::BadBlock(0))));
-        assert!(matches!(read(file, &fc, 4096, 10), Err(ContentError::BadBlock(1))));
+        assert!(matches!(
+            read(file, &fc, 0, 10),
+            Err(ContentError::BadBlock(0))
+        ));
+        assert!(matches!(
+            read(file, &fc, 4096, 10),
+            Err(ContentError::BadBlock(1))
+        ));
         assert_eq!(read(file, &fc, 8192, 10).unwrap(), vec![7u8; 10]);
+    }
+
+    #[test]
+    fn zero_range_reads_zeros() {
+        let (f, fc) = setup();
+        let file = f.as_file();
+        let data: Vec<u8> = (0..5 * BLOCK_SIZE as usize + 100)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        write(file, &fc, 0, &data).unwrap();
+        let mut model = data.clone();
+        for (o, l) in [
+            (10u64, 20u64),
+            (4000, 9000),
+            (3 * 4096, 4096),
+            (5 * 4096, 1000),
+        ] {
+            zero_range(file, &fc, o, l).unwrap();
+            let e = ((o + l) as usize).min(model.len());
+            model[o as usize..e].fill(0);
+            assert_eq!(read(file, &fc, 0, u32::MAX).unwrap(), model);
+        }
+        assert_eq!(size_of(file).unwrap(), data.len() as u64);
     }
 
     #[test]

@@ -1,0 +1,30 @@
+//! Named process exit codes: scripts can tell failure causes apart.
+
+/// Success.
+pub const OK: i32 = 0;
+/// An error with no more specific code.
+pub const FAILURE: i32 = 1;
+/// Bad command line (clap's own code).
+pub const USAGE: i32 = 2;
+/// The directory is not a kekfs volume.
+pub const NOT_A_VOLUME: i32 = 10;
+/// The volume header (or a keystore file) is corrupted or of an unknown version.
+pub const CORRUPT: i32 = 11;
+/// Wrong keystore passphrase or token PIN.
+pub const BAD_PASSPHRASE: i32 = 12;
+/// The KEK refused: disabled, expired, not yet valid, deleted or access denied.
+pub const KEK_REFUSED: i32 = 13;
+/// The KEK (or a key version) does not exist.
+pub const KEY_NOT_FOUND: i32 = 14;
+/// The KEK provider could not be reached.
+pub const PROVIDER_UNREACHABLE: i32 = 15;
+/// The volume is already mounted.
+pub const ALREADY_MOUNTED: i32 = 16;
+/// Mounting failed (mountpoint missing, FUSE unavailable…).
+pub const MOUNT_FAILED: i32 = 17;
+/// The target already exists (volume, keystore, key).
+pub const EXISTS: i32 = 18;
+/// No keystore at the given location.
+pub const NO_KEYSTORE: i32 = 19;
+/// The path is not a mounted kekfs volume.
+pub const NOT_MOUNTED: i32 = 20;

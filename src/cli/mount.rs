@@ -1,0 +1,513 @@
+//! `kekfs mount`, `unmount` and `status`: the volume lock, mount options, the daemon's
+//! life cycle, and reporting on active mounts.
+
+use super::daemon::{self, Ready};
+use super::error::CliError;
+use super::{exit, logger, mounts};
+use crate::format::LOCK_FILE;
+use crate::fuse::KekFs;
+use crate::kek::{KekUri, ProviderOptions, open_provider};
+use crate::volume::{self, Volume};
+use fuser::{Config, MountOption, SessionACL};
+use log::{error, info};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options for `kekfs mount`.
+#[derive(Debug, Default)]
+pub struct MountArgs {
+    /// The backing directory.
+    pub backing: PathBuf,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// `-o` option strings (comma-separated lists).
+    pub options: Vec<String>,
+    /// Stay in the foreground.
+    pub foreground: bool,
+    /// Log file for the daemon (default: syslog once detached).
+    pub log: Option<PathBuf>,
+    /// Debug logging.
+    pub verbose: bool,
+}
+
+/// Parsed `-o` options.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Let other users access the mount.
+    pub allow_other: bool,
+    /// Let root (and the owner) access the mount.
+    pub allow_root: bool,
+    /// Kernel mount flags passed through.
+    pub flags: Vec<MountOption>,
+    /// `kek=URI`: must match the volume's KEK.
+    pub kek: Option<String>,
+    /// `passfile=FILE`.
+    pub passfile: Option<PathBuf>,
+    /// `keystore=DIR`.
+    pub keystore: Option<PathBuf>,
+    /// `log=FILE`.
+    pub log: Option<PathBuf>,
+    /// `threads=N`.
+    pub threads: Option<usize>,
+}
+
+/// Parse `-o` option lists. Unknown options are an error; fstab-only ones are ignored.
+pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
+    let mut o = Options::default();
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let need = |v: Option<&str>| {
+            v.filter(|v| !v.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    CliError::new(
+                        exit::USAGE,
+                        format!("mount option {k} needs a value ({k}=...)"),
+                    )
+                })
+        };
+        match k {
+            "ro" => o.read_only = true,
+            "rw" => o.read_only = false,
+            "allow_other" => o.allow_other = true,
+            "allow_root" => o.allow_root = true,
+            "default_permissions" => {}
+            "dev" => o.flags.push(MountOption::Dev),
+            "nodev" => o.flags.push(MountOption::NoDev),
+            "suid" => o.flags.push(MountOption::Suid),
+            "nosuid" => o.flags.push(MountOption::NoSuid),
+            "exec" => o.flags.push(MountOption::Exec),
+            "noexec" => o.flags.push(MountOption::NoExec),
+            "atime" => o.flags.push(MountOption::Atime),
+            "noatime" => o.flags.push(MountOption::NoAtime),
+            "sync" => o.flags.push(MountOption::Sync),
+            "async" => o.flags.push(MountOption::Async),
+            "dirsync" => o.flags.push(MountOption::DirSync),
+            "kek" => o.kek = Some(need(v)?),
+            "passfile" => o.passfile = Some(need(v)?.into()),
+            "keystore" => o.keystore = Some(need(v)?.into()),
+            "log" => o.log = Some(need(v)?.into()),
+            "threads" => {
+                let n: usize = need(v)?.parse().map_err(|_| {
+                    CliError::new(exit::USAGE, "threads=N needs a number from 1 to 64")
+                })?;
+                if !(1..=64).contains(&n) {
+                    return Err(CliError::new(
+                        exit::USAGE,
+                        "threads=N needs a number from 1 to 64",
+                    ));
+                }
+                o.threads = Some(n);
+            }
+            // fstab / mount(8) options that concern mount(8), systemd or fuse helpers only.
+            "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "owner" | "_netdev"
+            | "nofail" | "relatime" | "norelatime" | "strictatime" => {}
+            _ if k.starts_with("x-") || k.starts_with("comment") => {}
+            _ => {
+                return Err(CliError::new(
+                    exit::USAGE,
+                    format!("unknown mount option {opt:?} (see `kekfs mount --help`)"),
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// The lock a mounted volume holds in its backing directory.
+pub struct VolumeLock {
+    file: File,
+}
+
+impl VolumeLock {
+    /// Take the lock, or say who holds it.
+    pub fn acquire(backing: &Path) -> Result<VolumeLock, CliError> {
+        let path = backing.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| CliError::failure(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: flock on a valid descriptor.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let mut who = String::new();
+            let _ = file.read_to_string(&mut who);
+            let mut it = who.lines();
+            let pid = it.next().unwrap_or("?");
+            let mp = it.next().unwrap_or("?");
+            return Err(CliError::new(
+                exit::ALREADY_MOUNTED,
+                format!(
+                    "{} is already mounted at {mp} (pid {pid}); unmount it first with `kekfs unmount {mp}`",
+                    backing.display()
+                ),
+            ));
+        }
+        Ok(VolumeLock { file })
+    }
+
+    /// Record the holder (pid and mountpoint) for error messages and `status`.
+    pub fn record(&mut self, mountpoint: &Path) {
+        let _ = self.file.set_len(0);
+        let _ = self.file.rewind();
+        let _ = write!(
+            self.file,
+            "{}\n{}\n",
+            std::process::id(),
+            mountpoint.display()
+        );
+        let _ = self.file.sync_data();
+    }
+
+    /// Is the lock of `backing` held by a running daemon?
+    pub fn is_held(backing: &Path) -> bool {
+        let Ok(f) = File::open(backing.join(LOCK_FILE)) else {
+            return false;
+        };
+        // SAFETY: flock on a valid descriptor; released at once if we got it.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        r != 0
+    }
+
+    /// The pid recorded in the lock file.
+    pub fn holder_pid(backing: &Path) -> Option<u32> {
+        std::fs::read_to_string(backing.join(LOCK_FILE))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+fn canonical_dir(p: &Path, what: &str) -> Result<PathBuf, CliError> {
+    let c = std::fs::canonicalize(p)
+        .map_err(|e| CliError::new(exit::MOUNT_FAILED, format!("{what} {}: {e}", p.display())))?;
+    if !c.is_dir() {
+        return Err(CliError::new(
+            exit::MOUNT_FAILED,
+            format!("{what} {} is not a directory", p.display()),
+        ));
+    }
+    Ok(c)
+}
+
+/// `kekfs mount`: unlock the volume, mount it, and (unless `--foreground`) return once the
+/// mount is ready while a detached daemon serves it.
+pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError> {
+    let opts = parse_options(&args.options)?;
+    if let Some(ks) = &opts.keystore {
+        popts.keystore_dir = ks.clone();
+    }
+    if let Some(pf) = &opts.passfile {
+        popts.passphrase = crate::kek::passphrase::PassphraseSource::File(pf.clone());
+    }
+    let backing = std::fs::canonicalize(&args.backing).map_err(|e| {
+        CliError::new(
+            exit::NOT_A_VOLUME,
+            format!("backing directory {}: {e}", args.backing.display()),
+        )
+    })?;
+    let mountpoint = canonical_dir(&args.mountpoint, "mountpoint")?;
+    if mountpoint == backing || mountpoint.starts_with(&backing) {
+        return Err(CliError::new(
+            exit::MOUNT_FAILED,
+            "the mountpoint must not be inside the backing directory",
+        ));
+    }
+    let (header, _) = volume::read_header(&backing)?;
+    if let Some(m) = mounts::find_by_mountpoint(&mountpoint) {
+        return Err(CliError::new(
+            exit::ALREADY_MOUNTED,
+            format!(
+                "{} already has a kekfs volume mounted ({}); unmount it first",
+                mountpoint.display(),
+                m.backing.display()
+            ),
+        ));
+    }
+    let mut lock = VolumeLock::acquire(&backing)?;
+    let uri = KekUri::parse(&header.kek_uri)?;
+    if let Some(k) = &opts.kek
+        && KekUri::parse(k)? != uri
+    {
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("kek={k} does not match the volume's KEK {}", header.kek_uri),
+        ));
+    }
+    let provider = open_provider(&uri, &popts)?;
+    let vol = Volume::open(&backing, provider.as_ref())?;
+    drop(provider);
+
+    let mut ready = if args.foreground {
+        Ready::foreground()
+    } else {
+        daemon::daemonize()?
+    };
+    let log_target = match args.log.clone().or(opts.log.clone()) {
+        Some(p) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+        {
+            Ok(f) => logger::Target::File(f),
+            Err(e) => {
+                let err = CliError::failure(format!("cannot open log file {}: {e}", p.display()));
+                ready.fail(&err);
+                return Err(err);
+            }
+        },
+        None if ready.detached() => logger::Target::Syslog,
+        None => logger::Target::Stderr,
+    };
+    logger::init(log_target, args.verbose);
+    match serve(vol, &backing, &mountpoint, &opts, &mut ready, &mut lock) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            error!("{}", e.message);
+            ready.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+fn serve(
+    vol: Volume,
+    backing: &Path,
+    mountpoint: &Path,
+    opts: &Options,
+    ready: &mut Ready,
+    lock: &mut VolumeLock,
+) -> Result<(), CliError> {
+    crate::fuse::sys::set_umask(0);
+    let vid = volume::hex(vol.id());
+    let fs = KekFs::new(Arc::new(vol), backing, opts.read_only).map_err(|e| {
+        CliError::new(
+            exit::MOUNT_FAILED,
+            format!("opening backing directory: {e}"),
+        )
+    })?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(backing.display().to_string()),
+        MountOption::CUSTOM("subtype=kekfs".into()),
+        MountOption::DefaultPermissions,
+        if opts.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    config.mount_options.extend(opts.flags.iter().cloned());
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else if opts.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.unwrap_or(4));
+    daemon::block_signals();
+    let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
+        CliError::new(
+            exit::MOUNT_FAILED,
+            format!("mounting at {} failed: {e}", mountpoint.display()),
+        )
+    })?;
+    lock.record(mountpoint);
+    let mut unmounter = session.unmount_callable();
+    let mp = mountpoint.to_path_buf();
+    daemon::on_termination(move |sig| {
+        info!("signal {sig}: unmounting {}", mp.display());
+        if let Err(e) = unmounter.unmount() {
+            error!("unmount on signal failed: {e}");
+        }
+    });
+    info!(
+        "volume {vid} ({}) mounted at {}",
+        backing.display(),
+        mountpoint.display()
+    );
+    ready.ok();
+    if ready.detached() {
+        daemon::detach_stdio();
+    }
+    let r = session.run();
+    info!("volume {vid} unmounted from {}", mountpoint.display());
+    r.map_err(|e| CliError::failure(format!("FUSE session ended with an error: {e}")))
+}
+
+/// `kekfs unmount`: unmount and wait for the daemon to finish.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), CliError> {
+    let abs = if mountpoint.is_absolute() {
+        mountpoint.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| CliError::failure(e.to_string()))?
+            .join(mountpoint)
+    };
+    // A dead mount (daemon killed) cannot be canonicalized; fall back to the given path.
+    let mp = std::fs::canonicalize(&abs).unwrap_or(abs);
+    let Some(entry) = mounts::find_by_mountpoint(&mp) else {
+        return Err(CliError::new(
+            exit::NOT_MOUNTED,
+            format!("{} is not a mounted kekfs volume", mp.display()),
+        ));
+    };
+    let c = crate::fuse::sys::cstr(mp.as_os_str().as_encoded_bytes())
+        .map_err(|e| CliError::failure(e.to_string()))?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string path.
+    let r = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                return Err(CliError::failure(format!(
+                    "{} is busy (open files or a process inside it); close them or use `kekfs unmount --lazy`",
+                    mp.display()
+                )));
+            }
+            Some(libc::EPERM) => {
+                let st = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .args(lazy.then_some("-z"))
+                    .arg(&mp)
+                    .status()
+                    .map_err(|e| CliError::failure(format!("running fusermount3: {e}")))?;
+                if !st.success() {
+                    return Err(CliError::failure(format!(
+                        "fusermount3 -u {} failed",
+                        mp.display()
+                    )));
+                }
+            }
+            _ => {
+                return Err(CliError::failure(format!(
+                    "unmounting {}: {e}",
+                    mp.display()
+                )));
+            }
+        }
+    }
+    // Wait for the daemon to let go of the volume (it flushes and zeroizes keys first).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while VolumeLock::is_held(&entry.backing) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// What `status` reports for one volume.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    /// Backing directory.
+    pub backing: PathBuf,
+    /// Mountpoint, if mounted.
+    pub mountpoint: Option<PathBuf>,
+    /// Daemon pid, if mounted.
+    pub pid: Option<u32>,
+    /// Volume id (hex).
+    pub volume_id: String,
+    /// KEK URI.
+    pub kek: String,
+    /// Pinned KEK version (0 = follows latest).
+    pub pinned_version: u32,
+    /// Key versions wrapping the AEK, slot 0 first.
+    pub wrapped_by_versions: Vec<u32>,
+    /// Mount options, if mounted.
+    pub options: Option<String>,
+}
+
+fn status_of(backing: &Path, entry: Option<&mounts::MountEntry>) -> Result<Status, CliError> {
+    let (h, _) = volume::read_header(backing)?;
+    let mounted = entry.is_some();
+    Ok(Status {
+        backing: backing.to_path_buf(),
+        mountpoint: entry.map(|e| e.mountpoint.clone()),
+        pid: if mounted {
+            VolumeLock::holder_pid(backing)
+        } else {
+            None
+        },
+        volume_id: volume::hex(&h.volume_id),
+        kek: h.kek_uri.clone(),
+        pinned_version: h.pinned_version,
+        wrapped_by_versions: h.slots.iter().map(|s| s.key_version).collect(),
+        options: entry.map(|e| e.options.clone()),
+    })
+}
+
+/// `kekfs status [PATH]`: one volume (backing dir or mountpoint), or every kekfs mount.
+pub fn status(path: Option<&Path>, json: bool) -> Result<(), CliError> {
+    let list: Vec<Status> = match path {
+        Some(p) => {
+            let c = std::fs::canonicalize(p)
+                .map_err(|e| CliError::new(exit::NOT_A_VOLUME, format!("{}: {e}", p.display())))?;
+            let s = if let Some(m) = mounts::find_by_mountpoint(&c) {
+                status_of(&m.backing.clone(), Some(&m))?
+            } else {
+                let m = mounts::find_by_backing(&c);
+                status_of(&c, m.as_ref())?
+            };
+            vec![s]
+        }
+        None => mounts::kekfs_mounts()
+            .iter()
+            .filter_map(|m| status_of(&m.backing, Some(m)).ok())
+            .collect(),
+    };
+    if json {
+        let v = if path.is_some() {
+            serde_json::to_string_pretty(&list[0])
+        } else {
+            serde_json::to_string_pretty(&list)
+        };
+        println!("{}", v.map_err(|e| CliError::failure(e.to_string()))?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no kekfs volumes mounted");
+    }
+    for s in &list {
+        println!("volume {}", s.volume_id);
+        println!("  backing:    {}", s.backing.display());
+        match (&s.mountpoint, s.pid) {
+            (Some(m), Some(pid)) => println!("  mounted at: {} (pid {pid})", m.display()),
+            (Some(m), None) => println!("  mounted at: {}", m.display()),
+            _ => println!("  mounted at: (not mounted)"),
+        }
+        println!("  kek:        {}", s.kek);
+        println!(
+            "  key version: {} (slots wrapped by versions {:?})",
+            if s.pinned_version == 0 {
+                "follows latest".to_string()
+            } else {
+                format!("pinned to {}", s.pinned_version)
+            },
+            s.wrapped_by_versions
+        );
+        if let Some(o) = &s.options {
+            println!("  options:    {o}");
+        }
+    }
+    Ok(())
+}

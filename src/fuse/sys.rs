@@ -1,0 +1,313 @@
+//! Thin, checked wrappers over the *at(2) and xattr syscalls the FUSE frontend needs on
+//! the backing tree. All `unsafe` of the frontend lives here.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// A C string from a backing name (names never contain NUL; refuse if one does).
+pub fn cstr(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `/proc/self/fd/N`: a path that reaches the inode behind an O_PATH descriptor.
+pub fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a formatted number")
+}
+
+/// openat(2).
+pub fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string; the returned fd is owned by us.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// fstatat(2); `name` empty with AT_EMPTY_PATH stats `dir` itself.
+pub fn fstatat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<libc::stat> {
+    // SAFETY: zeroed is a valid bit pattern for the plain-data `stat` struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and a valid out-pointer to `st`.
+    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, flags) })?;
+    Ok(st)
+}
+
+/// Stat the inode behind a descriptor (works for O_PATH descriptors).
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    fstatat(fd, c"", libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// mkdirat(2).
+pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+/// mknodat(2).
+pub fn mknodat(dir: RawFd, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::mknodat(dir, name.as_ptr(), mode as libc::mode_t, rdev) }).map(drop)
+}
+
+/// unlinkat(2).
+pub fn unlinkat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<()> {
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map(drop)
+}
+
+/// renameat2(2).
+pub fn renameat2(
+    olddir: RawFd,
+    old: &CStr,
+    newdir: RawFd,
+    new: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::renameat2(olddir, old.as_ptr(), newdir, new.as_ptr(), flags) }).map(drop)
+}
+
+/// symlinkat(2).
+pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }).map(drop)
+}
+
+/// readlinkat(2) of the symlink an O_PATH descriptor refers to.
+pub fn readlink_fd(fd: RawFd) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buffer pointer and length describe `buf`.
+    let n = cvt_size(unsafe {
+        libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// linkat(2) with AT_EMPTY_PATH: a new name for the inode behind `fd`.
+pub fn link_fd(fd: RawFd, newdir: RawFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid C strings; AT_EMPTY_PATH links the inode `fd` refers to.
+    cvt(unsafe { libc::linkat(fd, c"".as_ptr(), newdir, name.as_ptr(), libc::AT_EMPTY_PATH) })
+        .map(drop)
+}
+
+/// fchownat(2) on the inode behind `fd` (no symlink following).
+pub fn chown_fd(fd: RawFd, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    let u = uid.unwrap_or(u32::MAX);
+    let g = gid.unwrap_or(u32::MAX);
+    // SAFETY: valid (empty) C string; -1 ids mean "leave unchanged".
+    cvt(unsafe {
+        libc::fchownat(
+            fd,
+            c"".as_ptr(),
+            u,
+            g,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod through /proc/self/fd (O_PATH descriptors cannot fchmod).
+pub fn chmod_fd(fd: RawFd, mode: u32) -> io::Result<()> {
+    let p = proc_path(fd);
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+/// A timestamp for utimensat: `None` = leave, `Some(None)` = now, `Some(Some(t))` = t.
+pub type TimeSpec = Option<Option<std::time::SystemTime>>;
+
+fn timespec(t: TimeSpec) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(None) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(Some(t)) => {
+            let (s, n) = match t.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let mut s = -(d.as_secs() as i64);
+                    let mut n = d.subsec_nanos() as i64;
+                    if n > 0 {
+                        s -= 1;
+                        n = 1_000_000_000 - n;
+                    }
+                    (s, n)
+                }
+            };
+            libc::timespec {
+                tv_sec: s,
+                tv_nsec: n,
+            }
+        }
+    }
+}
+
+/// utimensat(2) through /proc/self/fd.
+pub fn utimens_fd(fd: RawFd, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let p = proc_path(fd);
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: valid C string and a two-element timespec array.
+    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
+}
+
+/// statvfs(3) of the filesystem holding `fd`.
+pub fn statvfs_fd(fd: RawFd) -> io::Result<libc::statvfs> {
+    // SAFETY: zeroed is valid for the plain-data statvfs struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-pointer.
+    cvt(unsafe { libc::fstatvfs(fd, &mut st) })?;
+    Ok(st)
+}
+
+/// fallocate(2).
+pub fn fallocate(fd: &impl AsRawFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
+}
+
+/// getxattr(2) on a path; returns the value.
+pub fn getxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        // SAFETY: size query with a null buffer.
+        let n = cvt_size(unsafe {
+            libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
+        })?;
+        let mut buf = vec![0u8; n];
+        // SAFETY: buffer pointer/length describe `buf`.
+        match cvt_size(unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        }) {
+            Ok(m) => {
+                buf.truncate(m);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// setxattr(2) on a path.
+pub fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    // SAFETY: value pointer/length describe `value`.
+    cvt(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// listxattr(2) on a path: the NUL-separated names.
+pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        // SAFETY: size query with a null buffer.
+        let n = cvt_size(unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) })?;
+        let mut buf = vec![0u8; n];
+        // SAFETY: buffer pointer/length describe `buf`.
+        match cvt_size(unsafe {
+            libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        }) {
+            Ok(m) => {
+                buf.truncate(m);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// removexattr(2) on a path.
+pub fn removexattr(path: &CStr, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+/// The entries of a directory (names only, without "." and ".."), via its descriptor.
+pub fn list_dir(dir: RawFd) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+    let fd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let raw = fd.as_raw_fd();
+    // SAFETY: fdopendir takes ownership of `raw` on success; we forget `fd` only then.
+    let dirp = unsafe { libc::fdopendir(raw) };
+    if dirp.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(fd);
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: dirp is a valid DIR* until closedir below.
+        let ent = unsafe { libc::readdir64(dirp) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: readdir64 returned a valid entry whose d_name is NUL-terminated.
+        let (name, ino, ty) = unsafe {
+            let e = &*ent;
+            (
+                CStr::from_ptr(e.d_name.as_ptr()).to_bytes().to_vec(),
+                e.d_ino,
+                e.d_type,
+            )
+        };
+        if name == b"." || name == b".." {
+            continue;
+        }
+        out.push((name, ino, ty));
+    }
+    // SAFETY: dirp came from fdopendir and is closed exactly once.
+    unsafe { libc::closedir(dirp) };
+    Ok(out)
+}
+
+/// Set the process umask (the daemon runs with 0 so requested modes land exactly).
+pub fn set_umask(mask: u32) {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) };
+}
+
+/// Bytes of an OsStr.
+pub fn os_bytes(s: &OsStr) -> &[u8] {
+    s.as_bytes()
+}
