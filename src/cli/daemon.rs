@@ -10,12 +10,16 @@ use std::os::fd::{FromRawFd, OwnedFd};
 /// The child's end of the readiness pipe.
 pub struct Ready {
     pipe: Option<File>,
+    detached: bool,
 }
 
 impl Ready {
     /// Foreground mode: nobody is waiting.
     pub fn foreground() -> Self {
-        Self { pipe: None }
+        Self {
+            pipe: None,
+            detached: false,
+        }
     }
 
     /// Report success; the parent exits 0.
@@ -34,7 +38,7 @@ impl Ready {
 
     /// True when detached from the terminal.
     pub fn detached(&self) -> bool {
-        self.pipe.is_some()
+        self.detached
     }
 }
 
@@ -86,6 +90,7 @@ pub fn daemonize() -> Result<Ready, CliError> {
     unsafe { libc::setsid() };
     Ok(Ready {
         pipe: Some(File::from(w)),
+        detached: true,
     })
 }
 
