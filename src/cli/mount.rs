@@ -13,6 +13,7 @@ use log::{error, info};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,6 +142,7 @@ impl VolumeLock {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| CliError::failure(format!("cannot open {}: {e}", path.display())))?;
         // SAFETY: flock on a valid descriptor.
