@@ -133,7 +133,10 @@ impl Env {
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.ok(&refs);
-        assert!(is_mounted(&self.mnt), "mount returned 0 but nothing is mounted");
+        assert!(
+            is_mounted(&self.mnt),
+            "mount returned 0 but nothing is mounted"
+        );
         Mounted {
             mnt: self.mnt.clone(),
             backing: self.backing.clone(),
