@@ -8,6 +8,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have fusermount3 || need+=(fuse3)
 have fio || need+=(fio)
 have getfattr || need+=(attr)
+have softhsm2-util || need+=(softhsm2)   # PKCS#11 token for tests and demos
 for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -11,4 +11,5 @@ pub mod crypto;
 pub mod format;
 pub mod fuse;
 pub mod kek;
+pub mod monitor;
 pub mod volume;

@@ -46,13 +46,19 @@ pub fn kek_code(e: &KekError) -> i32 {
         KekError::NoKeystore(_) => exit::NO_KEYSTORE,
         KekError::AlreadyExists(_) => exit::EXISTS,
         KekError::UnwrapFailed(_) | KekError::Corrupt(_) => exit::CORRUPT,
+        KekError::ChangeRefused(_) => exit::CHANGE_REFUSED,
+        KekError::TokenAbsent(_) => exit::TOKEN_ABSENT,
+        KekError::PinLocked(_) => exit::PIN_LOCKED,
+        KekError::Unsupported(_) => exit::UNSUPPORTED,
+        KekError::ModuleLoad(_) => exit::MODULE_LOAD,
         _ => exit::FAILURE,
     }
 }
 
 impl From<KekError> for CliError {
     fn from(e: KekError) -> Self {
-        CliError::new(kek_code(&e), e.to_string())
+        let hint = super::keys::refusal_hint(&e).unwrap_or_default();
+        CliError::new(kek_code(&e), format!("{e}{hint}"))
     }
 }
 
@@ -65,6 +71,10 @@ impl From<VolumeError> for CliError {
             VolumeError::Kek(k) => kek_code(k),
             _ => exit::FAILURE,
         };
-        CliError::new(code, e.to_string())
+        let hint = match &e {
+            VolumeError::Kek(k) => super::keys::refusal_hint(k),
+            _ => None,
+        };
+        CliError::new(code, format!("{e}{}", hint.unwrap_or_default()))
     }
 }

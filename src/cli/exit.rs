@@ -28,3 +28,14 @@ pub const EXISTS: i32 = 18;
 pub const NO_KEYSTORE: i32 = 19;
 /// The path is not a mounted kekfs volume.
 pub const NOT_MOUNTED: i32 = 20;
+/// The keystore refused a key change: purge protection, retention period not over (or
+/// over, for recover), key deleted (or not deleted), impossible dates.
+pub const CHANGE_REFUSED: i32 = 21;
+/// No PKCS#11 token matching the KEK URI is present (or it went away).
+pub const TOKEN_ABSENT: i32 = 30;
+/// The token's user PIN is locked or expired; its security officer must reset it.
+pub const PIN_LOCKED: i32 = 31;
+/// The token or the key cannot do what kekfs needs (mechanism, key type or size).
+pub const UNSUPPORTED: i32 = 32;
+/// The PKCS#11 module (library) cannot be found, loaded or initialised.
+pub const MODULE_LOAD: i32 = 33;

@@ -4,9 +4,13 @@
 pub mod daemon;
 pub mod error;
 pub mod exit;
+pub mod keys;
 pub mod logger;
 pub mod mount;
 pub mod mounts;
+pub mod rewrap;
+pub mod timespec;
+pub mod token;
 
 use crate::kek::keystore::{self, Keystore};
 use crate::kek::passphrase::PassphraseSource;
@@ -34,7 +38,8 @@ pub struct Cli {
     /// Software keystore directory.
     #[arg(long, global = true, value_name = "DIR")]
     keystore: Option<PathBuf>,
-    /// Read the keystore passphrase from FILE (one trailing newline is ignored).
+    /// Read the keystore passphrase (or a token PIN the KEK URI has no pin-source for)
+    /// from FILE (one trailing newline is ignored).
     #[arg(long, global = true, value_name = "FILE")]
     passfile: Option<PathBuf>,
     /// More detailed logs.
@@ -51,7 +56,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeystoreCmd,
     },
-    /// Manage KEKs in the software keystore.
+    /// Manage KEKs in the software keystore (create and rotate also in PKCS#11 tokens).
     Key {
         #[command(subcommand)]
         cmd: KeyCmd,
@@ -60,7 +65,8 @@ enum Cmd {
     Init {
         /// The backing directory that will hold the ciphertext.
         backing: PathBuf,
-        /// The KEK: soft:NAME (follow the latest version) or soft:NAME?version=N (pinned).
+        /// The KEK: soft:NAME (follow the latest version) or soft:NAME?version=N (pinned), or
+        /// 'pkcs11:token=T;object=LABEL[;id=%0N]?pin-source=file:PATH' (a token key).
         #[arg(long, value_name = "URI")]
         kek: String,
     },
@@ -90,6 +96,18 @@ enum Cmd {
         #[arg(short, long)]
         lazy: bool,
     },
+    /// Wrap the volume key under another KEK version or KEK (online or offline; the data
+    /// is not re-encrypted). Without options: rewrap with the KEK's current version.
+    Rewrap {
+        /// Backing directory or mountpoint.
+        path: PathBuf,
+        /// Pin the volume to this version of its KEK.
+        #[arg(long, value_name = "VERSION")]
+        to: Option<u32>,
+        /// Move the volume to another KEK (URI).
+        #[arg(long, value_name = "URI")]
+        to_kek: Option<String>,
+    },
     /// Show a volume (backing dir or mountpoint), or every active kekfs mount.
     Status {
         /// Backing directory or mountpoint; all mounts if omitted.
@@ -108,10 +126,25 @@ enum KeystoreCmd {
 
 #[derive(Debug, Subcommand)]
 enum KeyCmd {
-    /// Create a new KEK (AES-256, version 1).
+    /// Create a new KEK (AES-256, version 1): NAME in the software keystore, or
+    /// --kek 'pkcs11:token=…;object=LABEL' in a PKCS#11 token (sensitive, not extractable).
     Create {
         /// Key name: letters, digits, '.', '_', '-'.
-        name: String,
+        #[arg(required_unless_present = "kek")]
+        name: Option<String>,
+        /// The key as a KEK URI instead of a NAME (pkcs11:… or soft:NAME).
+        #[arg(long, value_name = "URI", conflicts_with = "name")]
+        kek: Option<String>,
+    },
+    /// Add a new version to a KEK: NAME in the software keystore, or --kek 'pkcs11:…'
+    /// (a new token key with the same label and the next CKA_ID).
+    Rotate {
+        /// Key name.
+        #[arg(required_unless_present = "kek")]
+        name: Option<String>,
+        /// The key as a KEK URI instead of a NAME (pkcs11:… or soft:NAME).
+        #[arg(long, value_name = "URI", conflicts_with = "name")]
+        kek: Option<String>,
     },
     /// List keys and their versions.
     List {
@@ -119,6 +152,8 @@ enum KeyCmd {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Lifecycle(keys::KeyLifecycleCmd),
 }
 
 fn provider_options(cli: &Cli) -> ProviderOptions {
@@ -134,7 +169,7 @@ fn provider_options(cli: &Cli) -> ProviderOptions {
     }
 }
 
-fn fmt_time(t: u64) -> String {
+pub(crate) fn fmt_time(t: u64) -> String {
     // Days since the epoch to a civil date (UTC), without pulling in a time crate.
     let days = (t / 86_400) as i64;
     let secs = t % 86_400;
@@ -167,16 +202,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Key {
-            cmd: KeyCmd::Create { name },
-        } => {
-            keystore::validate_key_name(&name)
-                .map_err(|m| CliError::new(exit::USAGE, format!("bad key name {name:?}: {m}")))?;
-            let pass = popts.passphrase.read("keystore passphrase", false)?;
-            let mut ks = Keystore::open(&popts.keystore_dir, &pass)?;
-            let v = ks.create_key(&name)?;
-            println!("created key {name} version {v}; use it with --kek soft:{name}");
-            Ok(())
-        }
+            cmd: KeyCmd::Create { name, kek },
+        } => token::create_or_rotate(&token::target(name, kek)?, false, &popts),
+        Cmd::Key {
+            cmd: KeyCmd::Rotate { name, kek },
+        } => token::create_or_rotate(&token::target(name, kek)?, true, &popts),
+        Cmd::Key {
+            cmd: KeyCmd::Lifecycle(c),
+        } => keys::run(c, &popts),
         Cmd::Key {
             cmd: KeyCmd::List { json },
         } => {
@@ -216,11 +249,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Init { backing, kek } => {
             let uri = KekUri::parse(&kek)?;
-            let pinned = match &uri {
-                KekUri::Soft { version, .. } => version.unwrap_or(0),
-            };
+            let pinned = uri.version().unwrap_or(0);
             let provider = open_provider(&uri, &popts)?;
             let vol = Volume::create(&backing, provider.as_ref(), pinned)?;
+            keys::register_volume(provider.as_ref(), vol.id(), &backing);
             println!(
                 "created volume {} in {} under {} (key version {})",
                 volume::hex(vol.id()),
@@ -248,6 +280,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             popts,
         ),
         Cmd::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
+        Cmd::Rewrap { path, to, to_kek } => rewrap::rewrap(
+            &path,
+            &rewrap::Target {
+                version: to,
+                kek: to_kek,
+            },
+            &popts,
+        ),
         Cmd::Status { path, json } => mount::status(path.as_deref(), json),
     }
 }

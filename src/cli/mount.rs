@@ -7,6 +7,7 @@ use super::{exit, logger, mounts};
 use crate::format::LOCK_FILE;
 use crate::fuse::KekFs;
 use crate::kek::{KekUri, ProviderOptions, open_provider};
+use crate::monitor::{Gate, Monitor, Stop, Timing, status};
 use crate::volume::{self, Volume};
 use fuser::{Config, MountOption, SessionACL};
 use log::{error, info};
@@ -16,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Options for `kekfs mount`.
 #[derive(Debug, Default)]
@@ -56,6 +57,30 @@ pub struct Options {
     pub log: Option<PathBuf>,
     /// `threads=N`.
     pub threads: Option<usize>,
+    /// `poll=DURATION`: KEK poll interval.
+    pub poll: Option<Duration>,
+    /// `grace=DURATION`: how long a transient provider outage is tolerated.
+    pub grace: Option<Duration>,
+}
+
+/// Parse a duration: `500ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().ok()?;
+    let mult = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return None,
+    };
+    let secs = n * mult;
+    (secs.is_finite() && (0.0..=86_400.0 * 365.0).contains(&secs))
+        .then(|| Duration::from_secs_f64(secs))
 }
 
 /// Parse `-o` option lists. Unknown options are an error; fstab-only ones are ignored.
@@ -101,6 +126,23 @@ pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
             "passfile" => o.passfile = Some(need(v)?.into()),
             "keystore" => o.keystore = Some(need(v)?.into()),
             "log" => o.log = Some(need(v)?.into()),
+            "poll" | "grace" => {
+                let raw = need(v)?;
+                let d = parse_duration(&raw).ok_or_else(|| {
+                    CliError::new(
+                        exit::USAGE,
+                        format!("{k}={raw}: expected a duration like 500ms, 2s, 5m or 1h"),
+                    )
+                })?;
+                if k == "poll" {
+                    if d < Duration::from_millis(100) {
+                        return Err(CliError::new(exit::USAGE, "poll must be at least 100ms"));
+                    }
+                    o.poll = Some(d);
+                } else {
+                    o.grace = Some(d);
+                }
+            }
             "threads" => {
                 let n: usize = need(v)?.parse().map_err(|_| {
                     CliError::new(exit::USAGE, "threads=N needs a number from 1 to 64")
@@ -257,7 +299,6 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
     }
     let provider = open_provider(&uri, &popts)?;
     let vol = Volume::open(&backing, provider.as_ref())?;
-    drop(provider);
 
     let mut ready = if args.foreground {
         Ready::foreground()
@@ -281,7 +322,15 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
         None => logger::Target::Stderr,
     };
     logger::init(log_target, args.verbose);
-    match serve(vol, &backing, &mountpoint, &opts, &mut ready, &mut lock) {
+    match serve(
+        vol,
+        provider,
+        &backing,
+        &mountpoint,
+        &opts,
+        &mut ready,
+        &mut lock,
+    ) {
         Ok(()) => Ok(()),
         Err(e) => {
             error!("{}", e.message);
@@ -293,6 +342,7 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
 
 fn serve(
     vol: Volume,
+    provider: Box<dyn crate::kek::KekProvider>,
     backing: &Path,
     mountpoint: &Path,
     opts: &Options,
@@ -301,7 +351,8 @@ fn serve(
 ) -> Result<(), CliError> {
     crate::fuse::sys::set_umask(0);
     let vid = volume::hex(vol.id());
-    let fs = KekFs::new(Arc::new(vol), backing, opts.read_only).map_err(|e| {
+    let gate = Arc::new(Gate::new(vol));
+    let fs = KekFs::new(gate.clone(), backing, opts.read_only).map_err(|e| {
         CliError::new(
             exit::MOUNT_FAILED,
             format!("opening backing directory: {e}"),
@@ -327,6 +378,7 @@ fn serve(
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.unwrap_or(4));
+    let purger = fs.cache_purger();
     daemon::block_signals();
     let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
         CliError::new(
@@ -335,12 +387,65 @@ fn serve(
         )
     })?;
     lock.record(mountpoint);
+    let notifier = session.notifier();
+    gate.on_revoke(move || purger.purge(&notifier));
+    let timing = Timing {
+        poll: opts.poll.unwrap_or(Timing::default().poll),
+        grace: opts.grace.unwrap_or(Timing::default().grace),
+    };
+    let mut monitor = Monitor::new(gate.clone(), provider, backing.to_path_buf(), timing);
+    let published = status::Published {
+        pid: std::process::id(),
+        volume_id: vid.clone(),
+        backing: backing.to_path_buf(),
+        mountpoint: mountpoint.to_path_buf(),
+        key_state: status::state_json(&gate),
+        key_version: volume::read_header(backing)
+            .map(|(h, _)| h.slots[0].key_version)
+            .unwrap_or(0),
+        last_ok_poll: Some(status::unix(SystemTime::now())),
+        poll_ms: timing.poll.as_millis() as u64,
+        grace_ms: timing.grace.as_millis() as u64,
+    };
+    status::publish(&published);
+    let backing_for_poll = backing.to_path_buf();
+    monitor.on_poll = Some(Box::new(move |gate, last_ok| {
+        let mut p = published.clone();
+        p.key_state = status::state_json(gate);
+        p.last_ok_poll = last_ok.map(status::unix);
+        p.key_version = volume::read_header(&backing_for_poll)
+            .map(|(h, _)| h.slots[0].key_version)
+            .unwrap_or(p.key_version);
+        status::publish(&p);
+    }));
+    let stop = Stop::default();
+    let stop_monitor = stop.clone();
+    let monitor_thread = std::thread::Builder::new()
+        .name("kekfs-monitor".into())
+        .spawn(move || monitor.run(stop_monitor))
+        .map_err(|e| CliError::failure(format!("starting the key monitor: {e}")))?;
     let mut unmounter = session.unmount_callable();
     let mp = mountpoint.to_path_buf();
     daemon::on_termination(move |sig| {
         info!("signal {sig}: unmounting {}", mp.display());
         if let Err(e) = unmounter.unmount() {
-            error!("unmount on signal failed: {e}");
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                error!("unmount on signal failed: {e}");
+                return;
+            }
+            // Busy (a process works inside): detach lazily, as libfuse does; the session
+            // ends once the last user lets go.
+            info!("{} is busy; detaching it lazily", mp.display());
+            let r = crate::fuse::sys::cstr(mp.as_os_str().as_encoded_bytes()).and_then(|c| {
+                // SAFETY: valid C string path.
+                match unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+            if let Err(e) = r {
+                error!("lazy unmount of {} on signal failed: {e}", mp.display());
+            }
         }
     });
     info!(
@@ -353,6 +458,9 @@ fn serve(
         daemon::detach_stdio();
     }
     let r = session.run();
+    stop.stop();
+    let _ = monitor_thread.join();
+    status::remove(&vid);
     info!("volume {vid} unmounted from {}", mountpoint.display());
     r.map_err(|e| CliError::failure(format!("FUSE session ended with an error: {e}")))
 }
@@ -437,15 +545,27 @@ pub struct Status {
     pub wrapped_by_versions: Vec<u32>,
     /// Mount options, if mounted.
     pub options: Option<String>,
+    /// Key state published by the mount daemon (active / grace / revoked / unavailable,
+    /// with cause), if mounted.
+    pub key_state: Option<serde_json::Value>,
+    /// Last successful KEK poll (Unix seconds), if mounted.
+    pub last_ok_poll: Option<u64>,
 }
 
 fn status_of(backing: &Path, entry: Option<&mounts::MountEntry>) -> Result<Status, CliError> {
     let (h, _) = volume::read_header(backing)?;
     let mounted = entry.is_some();
+    let published = if mounted {
+        status::read(&volume::hex(&h.volume_id))
+    } else {
+        None
+    };
     Ok(Status {
         backing: backing.to_path_buf(),
         mountpoint: entry.map(|e| e.mountpoint.clone()),
-        pid: if mounted {
+        // A dead daemon (killed) leaves its mount listed and its pid in the lock file;
+        // only a live lock holder is reported.
+        pid: if mounted && VolumeLock::is_held(backing) {
             VolumeLock::holder_pid(backing)
         } else {
             None
@@ -455,6 +575,8 @@ fn status_of(backing: &Path, entry: Option<&mounts::MountEntry>) -> Result<Statu
         pinned_version: h.pinned_version,
         wrapped_by_versions: h.slots.iter().map(|s| s.key_version).collect(),
         options: entry.map(|e| e.options.clone()),
+        key_state: published.as_ref().map(|p| p.key_state.clone()),
+        last_ok_poll: published.as_ref().and_then(|p| p.last_ok_poll),
     })
 }
 
@@ -494,7 +616,11 @@ pub fn status(path: Option<&Path>, json: bool) -> Result<(), CliError> {
         println!("  backing:    {}", s.backing.display());
         match (&s.mountpoint, s.pid) {
             (Some(m), Some(pid)) => println!("  mounted at: {} (pid {pid})", m.display()),
-            (Some(m), None) => println!("  mounted at: {}", m.display()),
+            (Some(m), None) => println!(
+                "  mounted at: {} (daemon not running; clean up with `kekfs unmount {}`)",
+                m.display(),
+                m.display()
+            ),
             _ => println!("  mounted at: (not mounted)"),
         }
         println!("  kek:        {}", s.kek);
@@ -509,6 +635,18 @@ pub fn status(path: Option<&Path>, json: bool) -> Result<(), CliError> {
         );
         if let Some(o) = &s.options {
             println!("  options:    {o}");
+        }
+        if let Some(st) = &s.key_state {
+            let name = st.get("state").and_then(|v| v.as_str()).unwrap_or("?");
+            let detail = st
+                .get("cause")
+                .and_then(|v| v.as_str())
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
+            println!("  key state:  {name}{detail}");
+        }
+        if let Some(t) = s.last_ok_poll {
+            println!("  last ok poll: {}", super::fmt_time(t));
         }
     }
     Ok(())

@@ -10,6 +10,8 @@ pub mod volume_header;
 pub const VOLUME_HEADER_FILE: &str = "kekfs.volume";
 /// Name of the per-directory id file in every backing directory.
 pub const DIRID_FILE: &str = "kekfs.dirid";
+/// Lock file serialising volume header rewrites (rewrap by the CLI or a mount daemon).
+pub const HEADER_LOCK_FILE: &str = "kekfs.hdrlock";
 /// Name of the lock file the mount daemon holds in the backing root.
 pub const LOCK_FILE: &str = "kekfs.lock";
 /// Prefix of every name kekfs reserves in the backing tree (never a valid encoded name).

@@ -7,6 +7,7 @@ pub mod sys;
 use crate::format::names::{self, BackingName, Found};
 use crate::format::offsets::{MAX_FILE_SIZE, plaintext_size};
 use crate::format::{DIRID_FILE, FormatError, parse_dirid};
+use crate::monitor::Gate;
 use crate::volume::content::{self, ContentError};
 use crate::volume::{FileCipher, Volume};
 use fuser::{
@@ -49,10 +50,31 @@ struct OpenDir {
     entries: Vec<(Vec<u8>, u64, FileType)>,
 }
 
+/// Purges what the frontend and the kernel cached once keys are revoked.
+pub struct CachePurger {
+    nodes: Arc<Mutex<NodeTable>>,
+}
+
+impl CachePurger {
+    /// Forget every cached per-file key and tell the kernel to drop cached pages and
+    /// attributes of every inode it knows, so no plaintext is served from a cache.
+    pub fn purge(&self, notifier: &fuser::Notifier) {
+        let all = lock(&self.nodes).all();
+        for n in &all {
+            *lock(&n.cipher) = None;
+        }
+        for n in &all {
+            if let Err(e) = notifier.inval_inode(INodeNo(n.ino), 0, 0) {
+                log::debug!("inval_inode {}: {e}", n.ino);
+            }
+        }
+    }
+}
+
 /// The kekfs filesystem served over FUSE.
 pub struct KekFs {
-    vol: Arc<Volume>,
-    nodes: Mutex<NodeTable>,
+    gate: Arc<Gate>,
+    nodes: Arc<Mutex<NodeTable>>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
@@ -67,7 +89,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl KekFs {
     /// Serve the volume whose backing root is `backing`.
-    pub fn new(vol: Arc<Volume>, backing: &Path, read_only: bool) -> io::Result<KekFs> {
+    pub fn new(gate: Arc<Gate>, backing: &Path, read_only: bool) -> io::Result<KekFs> {
         let root = sys::openat(
             libc::AT_FDCWD,
             &sys::cstr(backing.as_os_str().as_bytes())?,
@@ -78,8 +100,8 @@ impl KekFs {
         let mut table = NodeTable::default();
         table.insert_root(Node::new(1, root, FileType::Directory));
         Ok(KekFs {
-            vol,
-            nodes: Mutex::new(table),
+            gate,
+            nodes: Arc::new(Mutex::new(table)),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -87,6 +109,20 @@ impl KekFs {
             root_dev: st.st_dev,
             read_only,
         })
+    }
+
+    /// The unlocked volume, or the errno of the reason there is none (revoked keys).
+    fn vol(&self) -> Res<Arc<Volume>> {
+        self.gate
+            .volume()
+            .map_err(|cause| Errno::from_i32(cause.errno()))
+    }
+
+    /// The handle the lifecycle monitor uses to purge caches after it drops the keys.
+    pub fn cache_purger(&self) -> CachePurger {
+        CachePurger {
+            nodes: self.nodes.clone(),
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Res<Arc<Node>> {
@@ -188,7 +224,7 @@ impl KekFs {
 
     fn backing_name(&self, parent: &Node, name: &OsStr) -> Res<BackingName> {
         let id = self.dir_id(parent)?;
-        self.vol
+        self.vol()?
             .encrypt_name(&id, name.as_bytes())
             .ok_or(Errno::ENAMETOOLONG)
     }
@@ -268,8 +304,13 @@ impl KekFs {
     /// The node's content cipher; writes a header first when the file has none and
     /// `create` is set (an empty file gets its id on first write).
     fn cipher(&self, node: &Node, file: &File, create: bool) -> Res<Option<Arc<FileCipher>>> {
+        // Checked first, so a revoked volume serves nothing even from a cached key.
+        let vol = self.vol()?;
+        let epoch = self.gate.epoch();
         let mut slot = lock(&node.cipher);
-        if let Some(c) = slot.as_ref() {
+        if let Some((e, c)) = slot.as_ref()
+            && *e == epoch
+        {
             return Ok(Some(c.clone()));
         }
         let header = match content::read_file_header(file) {
@@ -282,8 +323,8 @@ impl KekFs {
             Ok(None) => return Ok(None),
             Err(e) => return Err(self.content_err(node, e)),
         };
-        let c = Arc::new(self.vol.file_cipher(&header.file_id));
-        *slot = Some(c.clone());
+        let c = Arc::new(vol.file_cipher(&header.file_id));
+        *slot = Some((epoch, c.clone()));
         Ok(Some(c))
     }
 
@@ -349,6 +390,7 @@ impl KekFs {
     }
 
     fn read_dir_entries(&self, dir: &Node) -> Res<Vec<(Vec<u8>, u64, FileType)>> {
+        let vol = self.vol()?;
         let id = self.dir_id(dir)?;
         let list = sys::list_dir(dir.raw()).map_err(|e| errno(&e))?;
         let mut out = Vec::with_capacity(list.len());
@@ -381,7 +423,7 @@ impl KekFs {
                 }
                 Found::Internal => continue,
             };
-            let Some(name) = self.vol.decrypt_name(&id, &ct) else {
+            let Some(name) = vol.decrypt_name(&id, &ct) else {
                 warn!(
                     "{}: entry {:?} does not decrypt in this directory; skipped",
                     self.backing_path(dir),
@@ -493,7 +535,21 @@ fn to_timespec(t: Option<TimeOrNow>) -> sys::TimeSpec {
     match t {
         None => None,
         Some(TimeOrNow::Now) => Some(None),
-        Some(TimeOrNow::SpecificTime(t)) => Some(Some(t)),
+        Some(TimeOrNow::SpecificTime(t)) => Some(Some(pre_epoch_fixup(t))),
+    }
+}
+
+/// fuser 0.18 decodes a kernel time `(secs < 0, nsecs)` as `EPOCH - (|secs| + nsecs)`
+/// instead of `EPOCH - |secs| + nsecs`, so utimens with (-1 s, 500 ns) would store
+/// (-2 s, 999999500 ns). Undo that decoding (times at or after the epoch are exact).
+fn pre_epoch_fixup(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => t,
+        Err(e) => {
+            let d = e.duration();
+            UNIX_EPOCH - Duration::from_secs(d.as_secs())
+                + Duration::from_nanos(u64::from(d.subsec_nanos()))
+        }
     }
 }
 
@@ -577,9 +633,15 @@ impl fuser::Filesystem for KekFs {
             {
                 sys::chmod_fd(node.raw(), mode & 0o7777).map_err(|e| errno(&e))?;
             }
-            if (atime.is_some() || mtime.is_some()) && node.kind != FileType::Symlink {
-                sys::utimens_fd(node.raw(), to_timespec(atime), to_timespec(mtime))
-                    .map_err(|e| errno(&e))?;
+            if atime.is_some() || mtime.is_some() {
+                let (a, m) = (to_timespec(atime), to_timespec(mtime));
+                // /proc/self/fd would follow a symlink to its (encrypted) target.
+                let r = if node.kind == FileType::Symlink {
+                    sys::utimens_nofollow_fd(node.raw(), a, m)
+                } else {
+                    sys::utimens_fd(node.raw(), a, m)
+                };
+                r.map_err(|e| errno(&e))?;
             }
             self.stat_node(&node)
         })();
@@ -593,7 +655,7 @@ impl fuser::Filesystem for KekFs {
         let r = (|| {
             let node = self.node(ino)?;
             let stored = sys::readlink_fd(node.raw()).map_err(|e| errno(&e))?;
-            self.vol.decrypt_symlink(&stored).ok_or_else(|| {
+            self.vol()?.decrypt_symlink(&stored).ok_or_else(|| {
                 error!(
                     "{}: symlink target does not authenticate",
                     self.backing_path(&node)
@@ -742,7 +804,7 @@ impl fuser::Filesystem for KekFs {
         reply: ReplyEntry,
     ) {
         let r = self.create_entry(req, parent, link_name, |p, c| {
-            let enc = self.vol.encrypt_symlink(target.as_os_str().as_bytes());
+            let enc = self.vol()?.encrypt_symlink(target.as_os_str().as_bytes());
             if enc.len() >= libc::PATH_MAX as usize {
                 return Err(Errno::ENAMETOOLONG);
             }
@@ -805,6 +867,7 @@ impl fuser::Filesystem for KekFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| {
+            self.vol()?;
             let node = self.node(ino)?;
             let acc = flags.0 & libc::O_ACCMODE;
             let writable = acc != libc::O_RDONLY;
@@ -1054,11 +1117,11 @@ impl fuser::Filesystem for KekFs {
                 return Err(Errno::ENOTSUP);
             };
             let path = self.xattr_path(&node)?;
-            let bname = self.vol.encrypt_xattr_name(user);
+            let bname = self.vol()?.encrypt_xattr_name(user);
             if bname.len() > 255 {
                 return Err(Errno::ERANGE);
             }
-            let sealed = self.vol.seal_xattr_value(name.as_bytes(), value);
+            let sealed = self.vol()?.seal_xattr_value(name.as_bytes(), value);
             let c = sys::cstr(bname.as_bytes()).map_err(|e| errno(&e))?;
             sys::setxattr(&path, &c, &sealed, flags).map_err(|e| errno(&e))
         })();
@@ -1078,10 +1141,10 @@ impl fuser::Filesystem for KekFs {
                 Ok(p) => p,
                 Err(_) => return Err(Errno::ENODATA),
             };
-            let bname = self.vol.encrypt_xattr_name(user);
+            let bname = self.vol()?.encrypt_xattr_name(user);
             let c = sys::cstr(bname.as_bytes()).map_err(|e| errno(&e))?;
             let sealed = sys::getxattr(&path, &c).map_err(|e| errno(&e))?;
-            self.vol
+            self.vol()?
                 .open_xattr_value(name.as_bytes(), &sealed)
                 .ok_or_else(|| {
                     error!(
@@ -1105,10 +1168,11 @@ impl fuser::Filesystem for KekFs {
             let Ok(path) = self.xattr_path(&node) else {
                 return Ok(Vec::new());
             };
+            let vol = self.vol()?;
             let raw = sys::listxattr(&path).map_err(|e| errno(&e))?;
             let mut out = Vec::new();
             for n in raw.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-                if let Some(user) = self.vol.decrypt_xattr_name(n) {
+                if let Some(user) = vol.decrypt_xattr_name(n) {
                     out.extend_from_slice(b"user.");
                     out.extend_from_slice(&user);
                     out.push(0);
@@ -1132,8 +1196,8 @@ impl fuser::Filesystem for KekFs {
                 return Err(Errno::ENODATA);
             };
             let path = self.xattr_path(&node)?;
-            let c =
-                sys::cstr(self.vol.encrypt_xattr_name(user).as_bytes()).map_err(|e| errno(&e))?;
+            let c = sys::cstr(self.vol()?.encrypt_xattr_name(user).as_bytes())
+                .map_err(|e| errno(&e))?;
             sys::removexattr(&path, &c).map_err(|e| errno(&e))
         })();
         match r {

@@ -19,8 +19,9 @@ pub struct Node {
     pub content: RwLock<()>,
     /// Directory id, read on first use (directories only).
     pub dir_id: OnceLock<[u8; 16]>,
-    /// Content cipher, set once the file header is known (regular files only).
-    pub cipher: Mutex<Option<Arc<FileCipher>>>,
+    /// Content cipher and the key epoch it was derived in, set once the file header is
+    /// known (regular files only); cleared when keys are revoked.
+    pub cipher: Mutex<Option<(u64, Arc<FileCipher>)>>,
 }
 
 impl Node {
@@ -75,6 +76,11 @@ impl NodeTable {
                 self.map.remove(&ino);
             }
         }
+    }
+
+    /// Every node held.
+    pub fn all(&self) -> Vec<Arc<Node>> {
+        self.map.values().map(|(n, _)| n.clone()).collect()
     }
 
     /// Number of nodes held.

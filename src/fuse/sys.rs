@@ -182,6 +182,22 @@ pub fn utimens_fd(fd: RawFd, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()>
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
 }
 
+/// utimensat(2) on the inode behind an O_PATH descriptor itself, without following it
+/// (for symlinks, which /proc/self/fd would follow).
+pub fn utimens_nofollow_fd(fd: RawFd, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: valid (empty) C string and a two-element timespec array.
+    cvt(unsafe {
+        libc::utimensat(
+            fd,
+            c"".as_ptr(),
+            ts.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 /// statvfs(3) of the filesystem holding `fd`.
 pub fn statvfs_fd(fd: RawFd) -> io::Result<libc::statvfs> {
     // SAFETY: zeroed is valid for the plain-data statvfs struct.

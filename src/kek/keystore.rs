@@ -49,6 +49,15 @@ pub const SALT_LEN: usize = 16;
 /// Longest key name, in bytes.
 pub const MAX_KEY_NAME_LEN: usize = 64;
 
+/// Soft-delete retention period of a keystore that sets none: 7 days, in seconds.
+pub const DEFAULT_RETENTION_SECS: u64 = 7 * 86_400;
+/// Longest retention period accepted (3650 days), in seconds.
+pub const MAX_RETENTION_SECS: u64 = 3650 * 86_400;
+/// Longest backing path recorded for a volume, in bytes.
+pub const MAX_VOLUME_PATH_LEN: usize = 4096;
+/// Length of a volume id in hex digits.
+pub const VOLUME_ID_HEX_LEN: usize = 32;
+
 // Bounds applied to parameters read from a file, so a damaged file cannot make us allocate
 // terabytes or spin for hours.
 const MIN_SALT_LEN: usize = 16;
@@ -76,6 +85,50 @@ pub fn validate_key_name(name: &str) -> Result<(), String> {
         "invalid key name {shown:?}{more}: a key name is 1-{MAX_KEY_NAME_LEN} characters of \
          A-Z a-z 0-9 . _ - and does not start with '.' or '-'"
     ))
+}
+
+/// Check a volume id as recorded in the keystore: 32 lower-case hex digits.
+pub fn validate_volume_id(id: &str) -> Result<(), String> {
+    if id.len() == VOLUME_ID_HEX_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Ok(());
+    }
+    let shown: String = id.chars().take(40).collect();
+    Err(format!(
+        "invalid volume id {shown:?}: expected {VOLUME_ID_HEX_LEN} lower-case hex digits"
+    ))
+}
+
+/// Format Unix seconds as RFC 3339 in UTC (`2027-01-01T00:00:00Z`), without a time crate.
+pub fn format_time(t: u64) -> String {
+    // Days since the epoch to a civil date (proleptic Gregorian), Howard Hinnant's algorithm.
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// Format a number of seconds briefly: `7d`, `36h`, `90m`, `45s`.
+pub fn format_duration(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// The effective user id of this process.
@@ -222,6 +275,19 @@ impl VersionEntry {
     }
 }
 
+/// A volume recorded as using a key (by `kekfs init`), as shown by `kekfs key show`.
+/// Bookkeeping only: nothing is enforced from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRef {
+    /// The volume id: 32 lower-case hex digits.
+    pub id: String,
+    /// The backing directory when it was recorded (absolute if it could be resolved).
+    pub path: String,
+    /// When it was (last) recorded, Unix seconds.
+    pub registered: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyEntry {
@@ -230,9 +296,31 @@ struct KeyEntry {
     purge_protection: bool,
     #[serde(default)]
     deleted_at: Option<u64>,
+    /// Soft-delete retention of this key; `None` = the keystore's `retention_secs`.
+    #[serde(default)]
+    retention_secs: Option<u64>,
     #[serde(default)]
     policy: Option<KeyPolicy>,
     versions: Vec<VersionEntry>,
+    #[serde(default)]
+    volumes: Vec<VolumeRef>,
+}
+
+impl KeyEntry {
+    /// The retention period in effect for this key.
+    fn retention(&self, default: u64) -> u64 {
+        self.retention_secs.unwrap_or(default)
+    }
+
+    /// End of the recovery window (deleted_at + retention), if deleted.
+    fn window_end(&self, default: u64) -> Option<u64> {
+        self.deleted_at
+            .map(|d| d.saturating_add(self.retention(default)))
+    }
+}
+
+fn default_retention() -> u64 {
+    DEFAULT_RETENTION_SECS
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +331,9 @@ struct KeystoreFile {
     kdf: KdfParams,
     #[serde(with = "b64")]
     check: Vec<u8>,
+    /// Default soft-delete retention of the keys, in seconds.
+    #[serde(default = "default_retention")]
+    retention_secs: u64,
     keys: BTreeMap<String, KeyEntry>,
 }
 
@@ -285,8 +376,36 @@ impl KeystoreFile {
                 CHECK_PLAINTEXT.len() + OVERHEAD
             ));
         }
+        if self.retention_secs > MAX_RETENTION_SECS {
+            return Err(format!(
+                "\"retention_secs\" is {} (at most {MAX_RETENTION_SECS})",
+                self.retention_secs
+            ));
+        }
         for (name, key) in &self.keys {
             validate_key_name(name)?;
+            if let Some(r) = key.retention_secs
+                && r > MAX_RETENTION_SECS
+            {
+                return Err(format!(
+                    "key {name:?}: \"retention_secs\" is {r} (at most {MAX_RETENTION_SECS})"
+                ));
+            }
+            let mut ids = std::collections::BTreeSet::new();
+            for vol in &key.volumes {
+                validate_volume_id(&vol.id).map_err(|e| format!("key {name:?}: {e}"))?;
+                if vol.path.is_empty() || vol.path.len() > MAX_VOLUME_PATH_LEN {
+                    return Err(format!(
+                        "key {name:?}: volume {} has a path of {} bytes (expected 1-\
+                         {MAX_VOLUME_PATH_LEN})",
+                        vol.id,
+                        vol.path.len()
+                    ));
+                }
+                if !ids.insert(vol.id.as_str()) {
+                    return Err(format!("key {name:?}: volume {} is listed twice", vol.id));
+                }
+            }
             if key.versions.is_empty() {
                 return Err(format!("key {name:?} has no versions"));
             }
@@ -355,10 +474,36 @@ pub struct KeyInfo {
     pub purge_protection: bool,
     /// Soft-deletion time (Unix seconds), if deleted.
     pub deleted_at: Option<u64>,
+    /// The soft-delete retention period in effect for this key, in seconds.
+    pub retention_secs: u64,
     /// Access policy, if any.
     pub policy: Option<KeyPolicy>,
     /// All versions, oldest first.
     pub versions: Vec<VersionInfo>,
+    /// Volumes recorded as using this key.
+    pub volumes: Vec<VolumeRef>,
+}
+
+impl KeyInfo {
+    /// For a soft-deleted key, the end of its recovery window (`deleted_at + retention`):
+    /// recoverable before it, purgeable (unless protected) from it on.
+    pub fn recoverable_until(&self) -> Option<u64> {
+        self.deleted_at
+            .map(|d| d.saturating_add(self.retention_secs))
+    }
+
+    /// The version `soft:NAME` would use at `now` (the newest usable one), ignoring the
+    /// access policy; `None` if the key is deleted or no version is usable.
+    pub fn usable_version_at(&self, now: u64) -> Option<u32> {
+        if self.deleted_at.is_some() {
+            return None;
+        }
+        self.versions
+            .iter()
+            .rev()
+            .find(|v| v.refusal_at(now).is_none())
+            .map(|v| v.version)
+    }
 }
 
 /// Holds `keystore.lock` locked until dropped (closing the descriptor releases the flock).
@@ -594,6 +739,74 @@ fn key_names(file: &KeystoreFile) -> String {
     }
 }
 
+fn missing_key(file: &KeystoreFile, dir: &Path, name: &str) -> KekError {
+    KekError::NotFound(format!(
+        "no key {name:?} in keystore {} (existing keys: {}); check the name with `kekfs key list`",
+        dir.display(),
+        key_names(file)
+    ))
+}
+
+/// Key `name` for any change, deleted or not.
+fn any_key<'a>(
+    file: &'a mut KeystoreFile,
+    dir: &Path,
+    name: &str,
+) -> Result<&'a mut KeyEntry, KekError> {
+    if !file.keys.contains_key(name) {
+        return Err(missing_key(file, dir, name));
+    }
+    file.keys
+        .get_mut(name)
+        .ok_or_else(|| KekError::NotFound(format!("no key {name:?}")))
+}
+
+/// Key `name` for a change that needs it alive (not soft-deleted).
+fn live_key<'a>(
+    file: &'a mut KeystoreFile,
+    dir: &Path,
+    name: &str,
+) -> Result<&'a mut KeyEntry, KekError> {
+    let key = any_key(file, dir, name)?;
+    if let Some(at) = key.deleted_at {
+        return Err(KekError::ChangeRefused(format!(
+            "key {name:?} was deleted at {}; recover it first with `kekfs key recover {name}`",
+            format_time(at)
+        )));
+    }
+    Ok(key)
+}
+
+/// The versions a change applies to: all of them (`None`) or exactly `version`.
+fn select_versions<'a>(
+    key: &'a mut KeyEntry,
+    name: &str,
+    version: Option<u32>,
+) -> Result<Vec<&'a mut VersionEntry>, KekError> {
+    let Some(v) = version else {
+        return Ok(key.versions.iter_mut().collect());
+    };
+    let last = key.versions.last().map_or(0, |e| e.version);
+    match key.versions.iter_mut().find(|e| e.version == v) {
+        Some(e) => Ok(vec![e]),
+        None => Err(KekError::NotFound(format!(
+            "key {name:?} has no version {v} (its versions are 1-{last}); see `kekfs key show \
+             {name}`"
+        ))),
+    }
+}
+
+fn check_retention(secs: Option<u64>) -> Result<(), KekError> {
+    match secs {
+        Some(s) if s > MAX_RETENTION_SECS => Err(KekError::ChangeRefused(format!(
+            "a retention period of {} is too long (at most {})",
+            format_duration(s),
+            format_duration(MAX_RETENTION_SECS)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// An open `soft:` keystore: the directory, the master key derived from its passphrase, and
 /// the last state read from `keystore.json`.
 pub struct Keystore {
@@ -659,6 +872,7 @@ impl Keystore {
             version: FORMAT_VERSION,
             kdf,
             check,
+            retention_secs: DEFAULT_RETENTION_SECS,
             keys: BTreeMap::new(),
         };
         write_atomic(dir, &file)?;
@@ -785,6 +999,7 @@ impl Keystore {
                     created: now,
                     purge_protection: false,
                     deleted_at: None,
+                    retention_secs: None,
                     policy: None,
                     versions: vec![VersionEntry {
                         version: 1,
@@ -794,6 +1009,7 @@ impl Keystore {
                         expires: None,
                         material: seal_new_material(master, name, 1),
                     }],
+                    volumes: Vec::new(),
                 },
             );
             Ok(1)
@@ -835,6 +1051,306 @@ impl Keystore {
         })
     }
 
+    /// Disable key `name`: one version (`Some(v)`) or every version (`None`). Wrap and
+    /// unwrap with a disabled version are refused from the next operation on. Returns whether
+    /// anything changed (false if already disabled).
+    pub fn disable_version(&mut self, name: &str, version: Option<u32>) -> Result<bool, KekError> {
+        self.set_enabled(name, version, false)
+    }
+
+    /// Enable key `name`: one version (`Some(v)`) or every version (`None`). Returns whether
+    /// anything changed (false if already enabled).
+    pub fn enable_version(&mut self, name: &str, version: Option<u32>) -> Result<bool, KekError> {
+        self.set_enabled(name, version, true)
+    }
+
+    fn set_enabled(
+        &mut self,
+        name: &str,
+        version: Option<u32>,
+        enabled: bool,
+    ) -> Result<bool, KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let key = live_key(file, &dir, name)?;
+            let mut changed = false;
+            for v in select_versions(key, name, version)? {
+                changed |= v.enabled != enabled;
+                v.enabled = enabled;
+            }
+            Ok(changed)
+        })
+    }
+
+    /// Set the validity dates of one version (`Some(v)`) or every version (`None`) of key
+    /// `name`. For each date, `None` leaves it as it is, `Some(None)` clears it and
+    /// `Some(Some(t))` sets it (Unix seconds). Refused if a version would end up with
+    /// `not_before >= expires` (it could never be used).
+    pub fn set_dates(
+        &mut self,
+        name: &str,
+        version: Option<u32>,
+        not_before: Option<Option<u64>>,
+        expires: Option<Option<u64>>,
+    ) -> Result<(), KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let key = live_key(file, &dir, name)?;
+            for v in select_versions(key, name, version)? {
+                if let Some(nb) = not_before {
+                    v.not_before = nb;
+                }
+                if let Some(ex) = expires {
+                    v.expires = ex;
+                }
+                if let (Some(nb), Some(ex)) = (v.not_before, v.expires)
+                    && nb >= ex
+                {
+                    return Err(KekError::ChangeRefused(format!(
+                        "key {name:?} version {}: not-before {} is not earlier than expiry {}, \
+                         so the version could never be used; choose other dates (or `none` to \
+                         clear one)",
+                        v.version,
+                        format_time(nb),
+                        format_time(ex)
+                    )));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Soft-delete key `name` at `now`: it refuses all use at once, and can be recovered
+    /// until `now + retention`. Returns the end of that recovery window.
+    pub fn delete_key(&mut self, name: &str, now: u64) -> Result<u64, KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let default = file.retention_secs;
+            let key = any_key(file, &dir, name)?;
+            if let Some(at) = key.deleted_at {
+                let end = key.window_end(default).unwrap_or(at);
+                let what_next = if now < end {
+                    format!(
+                        "it can be recovered with `kekfs key recover {name}` until {}",
+                        format_time(end)
+                    )
+                } else if key.purge_protection {
+                    "its retention period is over and it is purge-protected".to_string()
+                } else {
+                    format!("its retention period is over: purge it with `kekfs key purge {name}`")
+                };
+                return Err(KekError::ChangeRefused(format!(
+                    "key {name:?} is already deleted (at {}); {what_next}",
+                    format_time(at)
+                )));
+            }
+            key.deleted_at = Some(now);
+            Ok(now.saturating_add(key.retention(default)))
+        })
+    }
+
+    /// Undo the soft deletion of key `name`; allowed only while `now` is before
+    /// `deleted_at + retention`.
+    pub fn recover_key(&mut self, name: &str, now: u64) -> Result<(), KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let default = file.retention_secs;
+            let key = any_key(file, &dir, name)?;
+            let Some(end) = key.window_end(default) else {
+                return Err(KekError::ChangeRefused(format!(
+                    "key {name:?} is not deleted; there is nothing to recover"
+                )));
+            };
+            if now >= end {
+                let next = if key.purge_protection {
+                    "it is purge-protected, so it stays in the keystore, unusable".to_string()
+                } else {
+                    format!("remove it with `kekfs key purge {name}`")
+                };
+                return Err(KekError::ChangeRefused(format!(
+                    "the retention period of deleted key {name:?} ended at {}; the deletion is \
+                     final and the key can no longer be recovered ({next})",
+                    format_time(end)
+                )));
+            }
+            key.deleted_at = None;
+            Ok(())
+        })
+    }
+
+    /// Remove soft-deleted key `name` and all its versions for good. Refused while purge
+    /// protection is on (always, for that key) or before `deleted_at + retention`. Returns
+    /// the volumes that were recorded as using it (now unrecoverable).
+    pub fn purge_key(&mut self, name: &str, now: u64) -> Result<Vec<VolumeRef>, KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let default = file.retention_secs;
+            let key = any_key(file, &dir, name)?;
+            let Some(end) = key.window_end(default) else {
+                return Err(KekError::ChangeRefused(format!(
+                    "key {name:?} is not deleted; delete it first with `kekfs key delete \
+                     {name}` (purging then removes it for good once its retention period has \
+                     passed)"
+                )));
+            };
+            if key.purge_protection {
+                let recover = if now < end {
+                    format!(
+                        "; it can be recovered with `kekfs key recover {name}` until {}",
+                        format_time(end)
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(KekError::ChangeRefused(format!(
+                    "purge protection is on for key {name:?}: a protected key can never be \
+                     purged{recover}"
+                )));
+            }
+            if now < end {
+                return Err(KekError::ChangeRefused(format!(
+                    "the retention period of deleted key {name:?} ends at {}; it cannot be \
+                     purged before then. To undo the deletion use `kekfs key recover {name}`",
+                    format_time(end)
+                )));
+            }
+            let volumes = std::mem::take(&mut key.volumes);
+            file.keys.remove(name);
+            Ok(volumes)
+        })
+    }
+
+    /// Turn purge protection of key `name` on (`true`). Like cloud key vaults, it cannot be
+    /// turned off again: `false` on a protected key is refused. Turning it on also pins the
+    /// key's retention period, which can then only be lengthened. Returns whether anything
+    /// changed.
+    pub fn set_purge_protection(&mut self, name: &str, on: bool) -> Result<bool, KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let default = file.retention_secs;
+            let key = any_key(file, &dir, name)?;
+            match (key.purge_protection, on) {
+                (true, false) => Err(KekError::ChangeRefused(format!(
+                    "purge protection of key {name:?} is on and cannot be turned off (as in \
+                     cloud key vaults: that is what makes it a protection)"
+                ))),
+                (false, true) => {
+                    key.purge_protection = true;
+                    key.retention_secs = Some(key.retention(default));
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+    }
+
+    /// Set the soft-delete retention period of key `name` (seconds, at most
+    /// [`MAX_RETENTION_SECS`]); `None` makes it follow the keystore default. A purge-protected
+    /// key's retention can only be lengthened.
+    pub fn set_retention(&mut self, name: &str, secs: Option<u64>) -> Result<(), KekError> {
+        check_retention(secs)?;
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let default = file.retention_secs;
+            let key = any_key(file, &dir, name)?;
+            let old = key.retention(default);
+            let new = secs.unwrap_or(default);
+            if key.purge_protection && new < old {
+                return Err(KekError::ChangeRefused(format!(
+                    "key {name:?} is purge-protected, so its retention period ({}) can only be \
+                     lengthened",
+                    format_duration(old)
+                )));
+            }
+            key.retention_secs = if key.purge_protection {
+                Some(new)
+            } else {
+                secs
+            };
+            Ok(())
+        })
+    }
+
+    /// Set the keystore's default soft-delete retention period (seconds, at most
+    /// [`MAX_RETENTION_SECS`]), used by keys that set none. Purge-protected keys keep the
+    /// retention they had.
+    pub fn set_default_retention(&mut self, secs: u64) -> Result<(), KekError> {
+        check_retention(Some(secs))?;
+        self.mutate(|file, _| {
+            let old = file.retention_secs;
+            for key in file.keys.values_mut() {
+                if key.purge_protection && key.retention_secs.is_none() {
+                    key.retention_secs = Some(old);
+                }
+            }
+            file.retention_secs = secs;
+            Ok(())
+        })
+    }
+
+    /// Replace the access policy of key `name` (uid lists are sorted and de-duplicated).
+    pub fn set_policy(&mut self, name: &str, policy: KeyPolicy) -> Result<(), KekError> {
+        let mut policy = policy;
+        policy.allow_uids.sort_unstable();
+        policy.allow_uids.dedup();
+        policy.deny_uids.sort_unstable();
+        policy.deny_uids.dedup();
+        let mut ops = Vec::new();
+        for op in [KeyOp::Wrap, KeyOp::Unwrap] {
+            if policy.ops.contains(&op) {
+                ops.push(op);
+            }
+        }
+        policy.ops = ops;
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            live_key(file, &dir, name)?.policy = Some(policy);
+            Ok(())
+        })
+    }
+
+    /// Remove the access policy of key `name` (any uid may use it). Returns whether there
+    /// was one.
+    pub fn clear_policy(&mut self, name: &str) -> Result<bool, KekError> {
+        let dir = self.dir.clone();
+        self.mutate(|file, _| Ok(live_key(file, &dir, name)?.policy.take().is_some()))
+    }
+
+    /// Record that volume `volume_id_hex` (32 hex digits), in `backing_path`, uses key
+    /// `name` (shown by `kekfs key show`). Recording the same volume again updates its path
+    /// and time. Bookkeeping only: it grants nothing.
+    pub fn register_volume(
+        &mut self,
+        name: &str,
+        volume_id_hex: &str,
+        backing_path: &Path,
+        now: u64,
+    ) -> Result<(), KekError> {
+        let id = volume_id_hex.to_ascii_lowercase();
+        validate_volume_id(&id).map_err(KekError::ChangeRefused)?;
+        let path = backing_path.to_string_lossy().into_owned();
+        if path.is_empty() || path.len() > MAX_VOLUME_PATH_LEN {
+            return Err(KekError::ChangeRefused(format!(
+                "backing path of {} bytes cannot be recorded (1-{MAX_VOLUME_PATH_LEN})",
+                path.len()
+            )));
+        }
+        let dir = self.dir.clone();
+        self.mutate(|file, _| {
+            let key = any_key(file, &dir, name)?;
+            let entry = VolumeRef {
+                id,
+                path,
+                registered: now,
+            };
+            match key.volumes.iter_mut().find(|v| v.id == entry.id) {
+                Some(v) => *v = entry,
+                None => key.volumes.push(entry),
+            }
+            Ok(())
+        })
+    }
+
     /// Names of all keys (including soft-deleted ones), sorted.
     pub fn key_names(&self) -> Vec<String> {
         self.file.keys.keys().cloned().collect()
@@ -847,9 +1363,16 @@ impl Keystore {
             created: k.created,
             purge_protection: k.purge_protection,
             deleted_at: k.deleted_at,
+            retention_secs: k.retention(self.file.retention_secs),
             policy: k.policy.clone(),
             versions: k.versions.iter().map(VersionEntry::info).collect(),
+            volumes: k.volumes.clone(),
         })
+    }
+
+    /// The keystore's default soft-delete retention period, in seconds.
+    pub fn default_retention(&self) -> u64 {
+        self.file.retention_secs
     }
 
     /// Describe all keys (including soft-deleted ones), sorted by name.
@@ -1500,5 +2023,483 @@ mod tests {
             ks.key_material("shared", None, now).unwrap().0,
             1 + THREADS * ROTATIONS
         );
+    }
+
+    fn refusal(ks: &Keystore, name: &str, v: Option<u32>, now: u64) -> Option<Refusal> {
+        match ks.key_material(name, v, now) {
+            Ok(_) => None,
+            Err(KekError::Refused { reason, .. }) => Some(reason),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn change_refused(r: Result<impl fmt::Debug, KekError>, needle: &str) {
+        match r {
+            Err(KekError::ChangeRefused(m)) => assert!(m.contains(needle), "{needle:?} in {m}"),
+            other => panic!("expected ChangeRefused({needle:?}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disable_enable_versions_and_whole_key() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        ks.rotate_key("k").unwrap();
+        ks.rotate_key("k").unwrap();
+        let now = unix_now();
+        // A second handle (a running mount) sees each change at its next re-read.
+        let mut mount = second_handle(&ks);
+
+        assert!(ks.disable_version("k", Some(3)).unwrap());
+        assert!(!ks.disable_version("k", Some(3)).unwrap());
+        mount.reload().unwrap();
+        assert_eq!(refusal(&mount, "k", Some(3), now), Some(Refusal::Disabled));
+        assert_eq!(mount.key_material("k", None, now).unwrap().0, 2);
+        let info = mount.key_info("k").unwrap();
+        assert_eq!(
+            info.versions.iter().map(|v| v.enabled).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert_eq!(info.usable_version_at(now), Some(2));
+
+        // Whole key: every version.
+        assert!(ks.disable_version("k", None).unwrap());
+        mount.reload().unwrap();
+        for v in [None, Some(1), Some(2), Some(3)] {
+            assert_eq!(refusal(&mount, "k", v, now), Some(Refusal::Disabled));
+        }
+        assert_eq!(mount.key_info("k").unwrap().usable_version_at(now), None);
+        assert!(ks.enable_version("k", Some(1)).unwrap());
+        mount.reload().unwrap();
+        assert_eq!(mount.key_material("k", None, now).unwrap().0, 1);
+        assert!(ks.enable_version("k", None).unwrap());
+        assert!(!ks.enable_version("k", None).unwrap());
+        mount.reload().unwrap();
+        assert_eq!(mount.key_material("k", None, now).unwrap().0, 3);
+
+        // Unknown key or version.
+        assert!(matches!(
+            ks.disable_version("k", Some(4)),
+            Err(KekError::NotFound(m)) if m.contains("no version 4") && m.contains("1-3")
+        ));
+        assert!(matches!(
+            ks.enable_version("nope", None),
+            Err(KekError::NotFound(m)) if m.contains("existing keys: k")
+        ));
+        // Changes to a deleted key are refused until it is recovered.
+        ks.delete_key("k", now).unwrap();
+        change_refused(ks.disable_version("k", None), "recover it first");
+    }
+
+    #[test]
+    fn set_dates_per_version_and_key() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        ks.rotate_key("k").unwrap();
+        let t = 2_000_000_000u64;
+        ks.set_dates("k", Some(2), Some(Some(t)), None).unwrap();
+        assert_eq!(
+            refusal(&ks, "k", Some(2), t - 1),
+            Some(Refusal::NotYetValid)
+        );
+        assert_eq!(refusal(&ks, "k", Some(2), t), None);
+        // Following "latest" falls back to version 1 before t.
+        assert_eq!(ks.key_material("k", None, t - 1).unwrap().0, 1);
+        assert_eq!(ks.key_material("k", None, t).unwrap().0, 2);
+
+        ks.set_dates("k", None, None, Some(Some(t + 100))).unwrap();
+        let info = ks.key_info("k").unwrap();
+        assert_eq!(info.versions[0].not_before, None);
+        assert_eq!(info.versions[1].not_before, Some(t));
+        assert!(info.versions.iter().all(|v| v.expires == Some(t + 100)));
+        assert_eq!(refusal(&ks, "k", None, t + 100), Some(Refusal::Expired));
+
+        // Clearing.
+        ks.set_dates("k", None, Some(None), Some(None)).unwrap();
+        let info = ks.key_info("k").unwrap();
+        assert!(
+            info.versions
+                .iter()
+                .all(|v| v.not_before.is_none() && v.expires.is_none())
+        );
+
+        // not_before >= expires is refused, and nothing is written.
+        change_refused(
+            ks.set_dates("k", Some(1), Some(Some(t)), Some(Some(t))),
+            "not earlier than expiry",
+        );
+        ks.set_dates("k", Some(1), None, Some(Some(t))).unwrap();
+        change_refused(
+            ks.set_dates("k", None, Some(Some(t + 1)), None),
+            "could never be used",
+        );
+        ks.reload().unwrap();
+        let info = ks.key_info("k").unwrap();
+        assert_eq!(info.versions[0].not_before, None);
+        assert_eq!(info.versions[1].not_before, None);
+        assert!(matches!(
+            ks.set_dates("k", Some(9), None, None),
+            Err(KekError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn delete_recover_within_and_after_window() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        let t = 1_900_000_000u64;
+        let until = ks.delete_key("k", t).unwrap();
+        assert_eq!(until, t + DEFAULT_RETENTION_SECS);
+        let info = ks.key_info("k").unwrap();
+        assert_eq!(info.deleted_at, Some(t));
+        assert_eq!(info.recoverable_until(), Some(until));
+        assert_eq!(info.usable_version_at(t), None);
+        assert_eq!(refusal(&ks, "k", None, t), Some(Refusal::Deleted));
+        change_refused(ks.delete_key("k", t + 5), "already deleted");
+        change_refused(ks.delete_key("k", until), "purge it");
+
+        // Recovery just before the end of the window works; at the end it is refused.
+        let saved = std::fs::read(ks.dir().join(KEYSTORE_FILE)).unwrap();
+        ks.recover_key("k", until - 1).unwrap();
+        assert_eq!(ks.key_info("k").unwrap().deleted_at, None);
+        assert_eq!(refusal(&ks, "k", None, t), None);
+        change_refused(ks.recover_key("k", t), "not deleted");
+
+        std::fs::write(ks.dir().join(KEYSTORE_FILE), &saved).unwrap();
+        ks.reload().unwrap();
+        change_refused(ks.recover_key("k", until), "can no longer be recovered");
+        change_refused(ks.recover_key("k", until + 1000), "kekfs key purge k");
+        assert!(matches!(
+            ks.recover_key("nope", t),
+            Err(KekError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn purge_refused_by_retention_and_protection() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        ks.create_key("p").unwrap();
+        let t = 1_900_000_000u64;
+        change_refused(ks.purge_key("k", t), "delete it first");
+
+        let until = ks.delete_key("k", t).unwrap();
+        change_refused(
+            ks.purge_key("k", t),
+            "retention period of deleted key \"k\" ends at",
+        );
+        change_refused(ks.purge_key("k", until - 1), "kekfs key recover k");
+        assert!(ks.key_info("k").is_some());
+        ks.register_volume("k", &"ab".repeat(16), Path::new("/srv/v"), t)
+            .unwrap();
+        let vols = ks.purge_key("k", until).unwrap();
+        assert_eq!(vols.len(), 1);
+        assert_eq!(vols[0].path, "/srv/v");
+        assert!(ks.key_info("k").is_none());
+        assert!(matches!(
+            ks.key_material("k", None, until),
+            Err(KekError::NotFound(_))
+        ));
+        assert!(matches!(
+            ks.purge_key("k", until),
+            Err(KekError::NotFound(_))
+        ));
+        // The name is free again.
+        ks.create_key("k").unwrap();
+
+        // Purge protection: never purgeable, cannot be turned off.
+        assert!(ks.set_purge_protection("p", true).unwrap());
+        assert!(!ks.set_purge_protection("p", true).unwrap());
+        change_refused(ks.set_purge_protection("p", false), "cannot be turned off");
+        assert!(!ks.set_purge_protection("k", false).unwrap());
+        let until = ks.delete_key("p", t).unwrap();
+        change_refused(ks.purge_key("p", t), "purge protection is on");
+        change_refused(
+            ks.purge_key("p", t),
+            "recovered with `kekfs key recover p` until",
+        );
+        change_refused(
+            ks.purge_key("p", until + 10 * 365 * 86_400),
+            "never be purged",
+        );
+        change_refused(ks.recover_key("p", until), "purge-protected");
+        ks.recover_key("p", until - 1).unwrap();
+        assert!(ks.key_info("p").unwrap().purge_protection);
+    }
+
+    #[test]
+    fn retention_settings() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        ks.create_key("p").unwrap();
+        assert_eq!(ks.default_retention(), DEFAULT_RETENTION_SECS);
+        assert_eq!(
+            ks.key_info("k").unwrap().retention_secs,
+            DEFAULT_RETENTION_SECS
+        );
+
+        // Per key, including zero (purgeable at once).
+        ks.set_retention("k", Some(0)).unwrap();
+        let t = 1_900_000_000u64;
+        assert_eq!(ks.delete_key("k", t).unwrap(), t);
+        change_refused(ks.recover_key("k", t), "can no longer be recovered");
+        ks.purge_key("k", t).unwrap();
+        change_refused(
+            ks.set_retention("p", Some(MAX_RETENTION_SECS + 1)),
+            "too long",
+        );
+        assert!(matches!(
+            ks.set_retention("nope", Some(1)),
+            Err(KekError::NotFound(_))
+        ));
+
+        // Keystore default; protection pins the key's retention at the value then in effect.
+        ks.create_key("k").unwrap();
+        ks.set_default_retention(30 * 86_400).unwrap();
+        assert_eq!(ks.key_info("k").unwrap().retention_secs, 30 * 86_400);
+        ks.set_purge_protection("p", true).unwrap();
+        ks.set_default_retention(86_400).unwrap();
+        assert_eq!(ks.key_info("k").unwrap().retention_secs, 86_400);
+        assert_eq!(ks.key_info("p").unwrap().retention_secs, 30 * 86_400);
+        change_refused(ks.set_retention("p", Some(86_400)), "only be lengthened");
+        change_refused(ks.set_retention("p", None), "only be lengthened");
+        ks.set_retention("p", Some(60 * 86_400)).unwrap();
+        assert_eq!(ks.key_info("p").unwrap().retention_secs, 60 * 86_400);
+        change_refused(ks.set_default_retention(MAX_RETENTION_SECS + 1), "too long");
+
+        // A hand-edited protected key that follows the default keeps its retention too.
+        edit_json(ks.dir(), |v| {
+            v["keys"]["p"]["retention_secs"] = Value::Null;
+        });
+        ks.reload().unwrap();
+        ks.set_default_retention(3600).unwrap();
+        assert_eq!(ks.key_info("p").unwrap().retention_secs, 86_400);
+        // The file records both levels.
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(ks.dir().join(KEYSTORE_FILE)).unwrap()).unwrap();
+        assert_eq!(v["retention_secs"], 3600);
+        assert_eq!(v["keys"]["p"]["retention_secs"], 86_400);
+        assert_eq!(v["keys"]["k"]["retention_secs"], Value::Null);
+    }
+
+    #[test]
+    fn policy_set_and_clear() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        let now = unix_now();
+        let me = current_euid();
+        let mut mount = second_handle(&ks);
+        ks.set_policy(
+            "k",
+            KeyPolicy {
+                allow_uids: vec![7, 3, 7],
+                deny_uids: vec![me, me],
+                ops: vec![KeyOp::Unwrap, KeyOp::Wrap, KeyOp::Unwrap],
+            },
+        )
+        .unwrap();
+        mount.reload().unwrap();
+        assert_eq!(
+            mount.key_info("k").unwrap().policy,
+            Some(KeyPolicy {
+                allow_uids: vec![3, 7],
+                deny_uids: vec![me],
+                ops: vec![KeyOp::Wrap, KeyOp::Unwrap],
+            })
+        );
+        for op in [KeyOp::Wrap, KeyOp::Unwrap] {
+            assert!(matches!(
+                mount.key_material_for("k", None, now, op),
+                Err(KekError::Refused {
+                    reason: Refusal::Denied,
+                    ..
+                })
+            ));
+        }
+        ks.set_policy(
+            "k",
+            KeyPolicy {
+                deny_uids: vec![me],
+                ops: vec![KeyOp::Wrap],
+                ..KeyPolicy::default()
+            },
+        )
+        .unwrap();
+        mount.reload().unwrap();
+        assert!(
+            mount
+                .key_material_for("k", None, now, KeyOp::Unwrap)
+                .is_ok()
+        );
+        assert!(mount.key_material_for("k", None, now, KeyOp::Wrap).is_err());
+        assert!(ks.clear_policy("k").unwrap());
+        assert!(!ks.clear_policy("k").unwrap());
+        mount.reload().unwrap();
+        assert_eq!(mount.key_info("k").unwrap().policy, None);
+        assert!(mount.key_material_for("k", None, now, KeyOp::Wrap).is_ok());
+        assert!(matches!(
+            ks.set_policy("nope", KeyPolicy::default()),
+            Err(KekError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn register_volumes() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        let a = "0123456789abcdef".repeat(2);
+        let b = "FEDCBA9876543210".repeat(2);
+        ks.register_volume("k", &a, Path::new("/srv/a"), 10)
+            .unwrap();
+        ks.register_volume("k", &b, Path::new("/srv/b"), 11)
+            .unwrap();
+        ks.register_volume("k", &a, Path::new("/srv/a2"), 12)
+            .unwrap();
+        let info = second_handle(&ks).key_info("k").unwrap();
+        assert_eq!(
+            info.volumes,
+            [
+                VolumeRef {
+                    id: a.clone(),
+                    path: "/srv/a2".into(),
+                    registered: 12
+                },
+                VolumeRef {
+                    id: b.to_ascii_lowercase(),
+                    path: "/srv/b".into(),
+                    registered: 11
+                },
+            ]
+        );
+        for bad in ["", "xyz", &"0".repeat(31), &"g".repeat(32), &"0".repeat(33)] {
+            change_refused(
+                ks.register_volume("k", bad, Path::new("/x"), 1),
+                "invalid volume id",
+            );
+        }
+        change_refused(
+            ks.register_volume("k", &a, Path::new(&"x".repeat(5000)), 1),
+            "cannot be recorded",
+        );
+        assert!(matches!(
+            ks.register_volume("nope", &a, Path::new("/x"), 1),
+            Err(KekError::NotFound(_))
+        ));
+        // Non-UTF-8 paths are recorded lossily, never refused.
+        use std::os::unix::ffi::OsStrExt;
+        let odd = Path::new(std::ffi::OsStr::from_bytes(b"/srv/\xff"));
+        ks.register_volume("k", &a, odd, 13).unwrap();
+        assert_eq!(ks.key_info("k").unwrap().volumes[0].path, "/srv/\u{fffd}");
+    }
+
+    #[test]
+    fn older_files_without_new_fields_still_open() {
+        let (_tmp, mut ks) = new_store();
+        ks.create_key("k").unwrap();
+        edit_json(ks.dir(), |v| {
+            v.as_object_mut().unwrap().remove("retention_secs");
+            let k = v["keys"]["k"].as_object_mut().unwrap();
+            k.remove("retention_secs");
+            k.remove("volumes");
+        });
+        ks.reload().unwrap();
+        assert_eq!(ks.default_retention(), DEFAULT_RETENTION_SECS);
+        assert!(ks.key_info("k").unwrap().volumes.is_empty());
+        // Damaged new fields are reported, not panicked on.
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["retention_secs"] = json!(MAX_RETENTION_SECS + 1)),
+                "retention_secs",
+            ),
+            (
+                Box::new(|v| v["keys"]["k"]["retention_secs"] = json!(u64::MAX)),
+                "retention_secs",
+            ),
+            (
+                Box::new(|v| {
+                    v["keys"]["k"]["volumes"] = json!([{"id": "zz", "path": "/a", "registered": 1}])
+                }),
+                "invalid volume id",
+            ),
+            (
+                Box::new(|v| {
+                    v["keys"]["k"]["volumes"] =
+                        json!([{"id": "00".repeat(16), "path": "", "registered": 1}])
+                }),
+                "path",
+            ),
+            (
+                Box::new(|v| {
+                    let e = json!({"id": "00".repeat(16), "path": "/a", "registered": 1});
+                    v["keys"]["k"]["volumes"] = json!([e.clone(), e]);
+                }),
+                "listed twice",
+            ),
+            (
+                Box::new(|v| {
+                    v["keys"]["k"]["volumes"] =
+                        json!([{"id": "00".repeat(16), "path": "/a", "registered": 1, "x": 1}])
+                }),
+                "unknown field",
+            ),
+        ];
+        let good: Value =
+            serde_json::from_slice(&std::fs::read(ks.dir().join(KEYSTORE_FILE)).unwrap()).unwrap();
+        for (edit, needle) in cases {
+            let mut v = good.clone();
+            edit(&mut v);
+            let e = feed(&mut ks, &serde_json::to_vec(&v).unwrap()).unwrap_err();
+            assert!(
+                matches!(&e, KekError::Corrupt(m) if m.contains(needle)),
+                "{needle}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn lifecycle_changes_are_locked_and_all_land() {
+        let (_tmp, mut ks) = new_store();
+        for i in 0..8 {
+            ks.create_key(&format!("k{i}")).unwrap();
+        }
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let mut h = second_handle(&ks);
+                std::thread::spawn(move || {
+                    let name = format!("k{i}");
+                    h.disable_version(&name, Some(1)).unwrap();
+                    h.set_dates(&name, None, None, Some(Some(4_000_000_000)))
+                        .unwrap();
+                    h.set_purge_protection(&name, true).unwrap();
+                    h.register_volume(&name, &format!("{i:032x}"), Path::new("/v"), 1)
+                        .unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        ks.reload().unwrap();
+        for info in ks.list() {
+            assert!(!info.versions[0].enabled, "{}", info.name);
+            assert_eq!(info.versions[0].expires, Some(4_000_000_000));
+            assert!(info.purge_protection);
+            assert_eq!(info.volumes.len(), 1);
+        }
+    }
+
+    #[test]
+    fn time_formatting() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(format_time(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_time(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert!(!format_time(u64::MAX).is_empty());
+        assert_eq!(format_duration(0), "0s");
+        assert_eq!(format_duration(7 * 86_400), "7d");
+        assert_eq!(format_duration(36 * 3600), "36h");
+        assert_eq!(format_duration(90 * 60), "90m");
+        assert_eq!(format_duration(61), "61s");
     }
 }

@@ -149,6 +149,17 @@ impl KekProvider for SoftProvider {
         }
     }
 
+    fn current_version(&self) -> Result<Option<u32>, KekError> {
+        let (version, _material) = self.material(self.version, KeyOp::Wrap)?;
+        Ok(Some(version))
+    }
+
+    fn register_volume(&self, volume_id: &[u8; 16], backing: &Path) -> Result<(), KekError> {
+        let hex: String = volume_id.iter().map(|b| format!("{b:02x}")).collect();
+        self.lock()
+            .register_volume(&self.name, &hex, backing, keystore::unix_now())
+    }
+
     fn wrap(&self, aek: &Key32) -> Result<WrappedKey, KekError> {
         let (version, kek) = self.material(self.version, KeyOp::Wrap)?;
         let blob = Cipher::new(&kek).seal(&wrap_aad(&self.name, version), aek.expose());

@@ -8,7 +8,7 @@ use crate::crypto::names::SivCipher;
 use crate::crypto::{Key32, kdf};
 use crate::format::names::{self, BackingName, MAX_PLAIN_NAME};
 use crate::format::volume_header::VolumeHeader;
-use crate::format::{DIRID_FILE, DIRID_LEN, FormatError, VOLUME_HEADER_FILE};
+use crate::format::{DIRID_FILE, DIRID_LEN, FormatError, HEADER_LOCK_FILE, VOLUME_HEADER_FILE};
 use crate::kek::{KekError, KekProvider};
 use std::fmt;
 use std::io::Write;
@@ -79,6 +79,28 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Hold the header lock of `backing` (exclusive flock) until dropped.
+pub fn header_lock(backing: &Path) -> Result<std::fs::File, VolumeError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(backing.join(HEADER_LOCK_FILE))
+        .map_err(io_err("opening the header lock"))?;
+    // SAFETY: flock on a valid descriptor; blocks until the other writer is done.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(VolumeError::Io(
+            "locking the volume header".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
+}
+
 /// An unlocked volume. Holds the AEK and the keys derived from it; all are zeroized on drop.
 pub struct Volume {
     header: VolumeHeader,
@@ -115,6 +137,10 @@ pub fn read_header(backing: &Path) -> Result<(VolumeHeader, [u8; 32]), VolumeErr
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 ));
             }
+            return Err(VolumeError::NotAVolume(backing.to_path_buf()));
+        }
+        // The "backing directory" is a regular file: not a volume either.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
             return Err(VolumeError::NotAVolume(backing.to_path_buf()));
         }
         Err(e) => return Err(VolumeError::Io(format!("reading {}", path.display()), e)),
@@ -205,6 +231,45 @@ impl Volume {
         Err(first_err
             .map(VolumeError::Kek)
             .unwrap_or_else(|| VolumeError::Corrupt("no wrapped key slots".into())))
+    }
+
+    /// Rewrap the AEK with `provider` (at the KEK version it wraps with now) and record
+    /// `provider.uri()` and `pinned_version`; the previous slot 0 moves to slot 1, so the
+    /// volume opens with either. The new wrapping is checked to unwrap before the header
+    /// is replaced atomically. Data is never re-encrypted. Returns the new header.
+    pub fn rewrap(
+        &self,
+        backing: &Path,
+        provider: &dyn KekProvider,
+        pinned_version: u32,
+    ) -> Result<VolumeHeader, VolumeError> {
+        let _lock = header_lock(backing)?;
+        let (current, _) = read_header(backing)?;
+        if current.volume_id != self.header.volume_id {
+            return Err(VolumeError::Corrupt(
+                "volume id in the header changed under a mounted volume".into(),
+            ));
+        }
+        let w = provider.wrap(&self.aek)?;
+        let back = provider.unwrap(&w)?;
+        if back.expose() != self.aek.expose() {
+            return Err(VolumeError::Kek(KekError::UnwrapFailed(
+                "the new wrapping does not unwrap to the volume key; header left unchanged".into(),
+            )));
+        }
+        let [old0, _] = current.slots;
+        let header = VolumeHeader {
+            volume_id: current.volume_id,
+            kek_uri: provider.uri(),
+            pinned_version,
+            slots: [w, old0],
+        };
+        let bytes = header
+            .to_bytes(&Self::mac_key(&self.aek, &header.volume_id))
+            .map_err(|FormatError(m)| VolumeError::Corrupt(m))?;
+        write_atomic(backing, VOLUME_HEADER_FILE, &bytes, 0o600)
+            .map_err(io_err("writing volume header"))?;
+        Ok(header)
     }
 
     /// The header (volume id, KEK reference, slots).

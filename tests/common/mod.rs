@@ -178,13 +178,26 @@ impl Mounted {
         self.mnt.join(rel)
     }
 
-    /// Unmount now, asserting it worked.
+    /// Unmount now, asserting it worked. EBUSY is retried for a bounded time: a process
+    /// another test thread is spawning holds copies of this process's descriptors (files
+    /// just closed here included) until it execs.
     pub fn unmount(self) {
-        let o = Command::new(bin())
-            .arg("unmount")
-            .arg(&self.mnt)
-            .output()
-            .expect("run kekfs unmount");
+        let run = || {
+            Command::new(bin())
+                .arg("unmount")
+                .arg(&self.mnt)
+                .output()
+                .expect("run kekfs unmount")
+        };
+        let mut o = run();
+        let end = Instant::now() + Duration::from_secs(10);
+        while !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("busy")
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            o = run();
+        }
         assert!(
             o.status.success(),
             "unmount failed: {}",

@@ -1,0 +1,431 @@
+//! The key lifecycle monitor: holds the unlocked volume behind a gate, polls the KEK
+//! provider, and on refusal (or an outage longer than the grace period) drops every key
+//! and tells the frontend to purge what it cached; on restore it unlocks again.
+
+pub mod status;
+
+use crate::kek::{KekError, KekProvider, Refusal};
+use crate::volume::{self, Volume, VolumeError};
+use log::{error, info, warn};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Why the volume's plaintext is not available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    /// The KEK (version) is disabled, or a token key may no longer unwrap.
+    Disabled,
+    /// The KEK version is past its expiry date.
+    Expired,
+    /// The KEK version is not valid yet.
+    NotYetValid,
+    /// The key was deleted (soft delete) or is gone from the token.
+    Deleted,
+    /// The key's access policy denies this caller.
+    Denied,
+    /// The provider stayed unreachable for longer than the grace period.
+    Unreachable,
+    /// The wrapped key no longer unwraps under the KEK (wrong key, tampered header).
+    Invalid,
+}
+
+impl Cause {
+    /// The errno returned for operations that need plaintext (documented in README).
+    pub fn errno(self) -> i32 {
+        match self {
+            Cause::Disabled => libc::EKEYREVOKED,
+            Cause::Expired => libc::EKEYEXPIRED,
+            Cause::NotYetValid => libc::EKEYREJECTED,
+            Cause::Deleted => libc::ENOKEY,
+            Cause::Denied => libc::EACCES,
+            Cause::Unreachable => libc::EHOSTDOWN,
+            Cause::Invalid => libc::EKEYREJECTED,
+        }
+    }
+
+    /// Classify a provider error: `Some(cause)` for an explicit refusal (no grace),
+    /// `None` for a transient failure (grace applies).
+    pub fn of(e: &KekError) -> Option<Cause> {
+        match e {
+            KekError::Refused { reason, .. } => Some(match reason {
+                Refusal::Disabled => Cause::Disabled,
+                Refusal::Expired => Cause::Expired,
+                Refusal::NotYetValid => Cause::NotYetValid,
+                Refusal::Deleted => Cause::Deleted,
+                Refusal::Denied => Cause::Denied,
+            }),
+            // The key, or the whole keystore ("vault gone"), no longer exists.
+            KekError::NotFound(_) | KekError::NoKeystore(_) => Some(Cause::Deleted),
+            KekError::UnwrapFailed(_) => Some(Cause::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// The volume's key state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum State {
+    /// Keys loaded, serving.
+    Active,
+    /// The provider is failing transiently; still serving from the cached key.
+    Grace {
+        /// When the first failed poll happened (Unix seconds).
+        since: u64,
+        /// The last error.
+        error: String,
+    },
+    /// Keys wiped, not serving (explicit refusal).
+    Revoked {
+        /// Why.
+        cause: Cause,
+        /// The provider's message.
+        error: String,
+    },
+    /// Keys wiped after the grace period ran out.
+    Unavailable {
+        /// The last error.
+        error: String,
+    },
+}
+
+type Hook = Box<dyn Fn() + Send + Sync>;
+/// Called after each poll with the gate and the time of the last successful poll.
+pub type PollHook = Box<dyn Fn(&Gate, Option<SystemTime>) + Send>;
+
+/// The gate every plaintext operation passes: the unlocked volume, or why there is none.
+pub struct Gate {
+    inner: RwLock<Inner>,
+    on_revoke: Mutex<Vec<Hook>>,
+}
+
+struct Inner {
+    vol: Option<Arc<Volume>>,
+    state: State,
+    epoch: u64,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Gate {
+    /// A gate holding an unlocked volume.
+    pub fn new(vol: Volume) -> Self {
+        Self {
+            inner: RwLock::new(Inner {
+                vol: Some(Arc::new(vol)),
+                state: State::Active,
+                epoch: 1,
+            }),
+            on_revoke: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The volume, or the cause that makes plaintext unavailable.
+    pub fn volume(&self) -> Result<Arc<Volume>, Cause> {
+        let g = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        match (&g.vol, &g.state) {
+            (Some(v), _) => Ok(v.clone()),
+            (None, State::Revoked { cause, .. }) => Err(*cause),
+            (None, _) => Err(Cause::Unreachable),
+        }
+    }
+
+    /// Changes whenever keys are dropped or reloaded; cached key material is valid only
+    /// for the epoch it was derived in.
+    pub fn epoch(&self) -> u64 {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .state
+            .clone()
+    }
+
+    /// Run `hook` after every revocation (the frontend purges caches there).
+    pub fn on_revoke(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.on_revoke
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(hook));
+    }
+
+    /// Drop the keys and enter `state`.
+    fn drop_keys(&self, state: State) {
+        let old = {
+            let mut g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+            g.state = state;
+            g.epoch += 1;
+            g.vol.take()
+        };
+        // The AEK and derived keys are zeroized when the last Arc goes (in-flight
+        // operations finish first; new ones are refused).
+        drop(old);
+        for h in self
+            .on_revoke
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            h();
+        }
+    }
+
+    /// Explicit refusal: keys go at once.
+    pub fn revoke(&self, cause: Cause, error: String) {
+        self.drop_keys(State::Revoked { cause, error });
+    }
+
+    /// Grace ran out.
+    pub fn make_unavailable(&self, error: String) {
+        self.drop_keys(State::Unavailable { error });
+    }
+
+    /// Enter (or stay in) grace, keeping the keys.
+    pub fn enter_grace(&self, since: SystemTime, error: String) {
+        let mut g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if g.vol.is_some() {
+            g.state = State::Grace {
+                since: unix(since),
+                error,
+            };
+        }
+    }
+
+    /// Keys are usable again (or still): serve with `vol` if given.
+    pub fn activate(&self, vol: Option<Volume>) {
+        let mut g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = vol {
+            g.vol = Some(Arc::new(v));
+            g.epoch += 1;
+        }
+        if g.vol.is_some() {
+            g.state = State::Active;
+        }
+    }
+
+    /// Is a volume loaded?
+    pub fn has_keys(&self) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .vol
+            .is_some()
+    }
+}
+
+/// Polling settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Interval between polls.
+    pub poll: Duration,
+    /// How long a transient provider failure is tolerated.
+    pub grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(2),
+            grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Stops the monitor thread when dropped or asked.
+#[derive(Clone, Default)]
+pub struct Stop(Arc<(Mutex<bool>, Condvar)>);
+
+impl Stop {
+    /// Ask the monitor to stop.
+    pub fn stop(&self) {
+        let (m, c) = &*self.0;
+        *m.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        c.notify_all();
+    }
+
+    /// Sleep up to `d`; true if stop was requested.
+    fn wait(&self, d: Duration) -> bool {
+        let (m, c) = &*self.0;
+        let g = m.lock().unwrap_or_else(PoisonError::into_inner);
+        let (g, _) = c
+            .wait_timeout_while(g, d, |stopped| !*stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        *g
+    }
+}
+
+/// What one poll concluded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// Key usable.
+    Ok,
+    /// Explicit refusal.
+    Refused(Cause),
+    /// Transient failure.
+    Failed,
+}
+
+/// The monitor: polls the provider by a real unwrap of the volume's wrapped AEK.
+pub struct Monitor {
+    gate: Arc<Gate>,
+    provider: Box<dyn KekProvider>,
+    backing: PathBuf,
+    timing: Timing,
+    grace_since: Option<(Instant, SystemTime)>,
+    /// Called after each poll with the gate (to publish status).
+    pub on_poll: Option<PollHook>,
+    last_ok: Option<SystemTime>,
+}
+
+impl Monitor {
+    /// A monitor for the volume in `backing`.
+    pub fn new(
+        gate: Arc<Gate>,
+        provider: Box<dyn KekProvider>,
+        backing: PathBuf,
+        timing: Timing,
+    ) -> Self {
+        Self {
+            gate,
+            provider,
+            backing,
+            timing,
+            grace_since: None,
+            on_poll: None,
+            last_ok: Some(SystemTime::now()),
+        }
+    }
+
+    /// One poll: unwrap, then update the gate.
+    pub fn poll_once(&mut self) -> PollOutcome {
+        let opened = Volume::open(&self.backing, self.provider.as_ref());
+        let outcome = match opened {
+            Ok(vol) => {
+                self.grace_since = None;
+                self.last_ok = Some(SystemTime::now());
+                let st = self.gate.state();
+                if self.gate.has_keys() {
+                    // Keep the loaded keys (same AEK); just clear grace.
+                    drop(vol);
+                    if st != State::Active {
+                        info!(
+                            "{}: KEK reachable again; grace ended",
+                            self.backing.display()
+                        );
+                    }
+                    self.gate.activate(None);
+                } else {
+                    info!(
+                        "{}: KEK usable again; volume resumes",
+                        self.backing.display()
+                    );
+                    self.gate.activate(Some(vol));
+                }
+                if let Ok(v) = self.gate.volume() {
+                    self.follow_latest(&v);
+                }
+                PollOutcome::Ok
+            }
+            Err(VolumeError::Kek(e)) => match Cause::of(&e) {
+                Some(cause) => {
+                    if self.gate.has_keys()
+                        || !matches!(self.gate.state(), State::Revoked { cause: c, .. } if c == cause)
+                    {
+                        error!(
+                            "{}: {e}; keys wiped, I/O now fails with errno {}",
+                            self.backing.display(),
+                            cause.errno()
+                        );
+                        self.gate.revoke(cause, e.to_string());
+                    }
+                    self.grace_since = None;
+                    PollOutcome::Refused(cause)
+                }
+                None => {
+                    self.transient(e.to_string());
+                    PollOutcome::Failed
+                }
+            },
+            Err(e) => {
+                // Header unreadable (I/O) — treat as transient; a corrupted header is
+                // reported but does not by itself revoke the loaded keys.
+                self.transient(e.to_string());
+                PollOutcome::Failed
+            }
+        };
+        if let Some(f) = &self.on_poll {
+            f(&self.gate, self.last_ok);
+        }
+        outcome
+    }
+
+    /// A volume that follows the latest KEK version rewraps itself when a newer usable
+    /// version appears (the data is not re-encrypted).
+    fn follow_latest(&self, vol: &Volume) {
+        let Ok((h, _)) = volume::read_header(&self.backing) else {
+            return;
+        };
+        if h.pinned_version != 0 {
+            return;
+        }
+        if let Ok(Some(latest)) = self.provider.current_version()
+            && latest > h.slots[0].key_version
+        {
+            match vol.rewrap(&self.backing, self.provider.as_ref(), 0) {
+                Ok(nh) => info!(
+                    "{}: rewrapped online from KEK version {} to {}",
+                    self.backing.display(),
+                    h.slots[0].key_version,
+                    nh.slots[0].key_version
+                ),
+                Err(e) => warn!("{}: online rewrap failed: {e}", self.backing.display()),
+            }
+        }
+    }
+
+    fn transient(&mut self, msg: String) {
+        let now_i = Instant::now();
+        let (since_i, since_t) = *self.grace_since.get_or_insert((now_i, SystemTime::now()));
+        if !self.gate.has_keys() {
+            warn!("{}: poll failed: {msg}", self.backing.display());
+            return;
+        }
+        if now_i.duration_since(since_i) >= self.timing.grace {
+            error!(
+                "{}: KEK provider unreachable for longer than the grace period ({} s): {msg}; keys wiped",
+                self.backing.display(),
+                self.timing.grace.as_secs()
+            );
+            self.gate.make_unavailable(msg);
+        } else {
+            warn!(
+                "{}: poll failed (grace period, serving from cache): {msg}",
+                self.backing.display()
+            );
+            self.gate.enter_grace(since_t, msg);
+        }
+    }
+
+    /// Poll until `stop`.
+    pub fn run(mut self, stop: Stop) {
+        while !stop.wait(self.timing.poll) {
+            self.poll_once();
+        }
+    }
+}
+
+/// Re-exported for the status file.
+pub use volume::hex;
