@@ -3,7 +3,7 @@
 # integration tests that mount real FUSE filesystems (they need root and /dev/fuse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh
+scripts/deps.sh qemu-utils   # extra: qemu-img/qemu-io/qemu-nbd for tests/qemu.rs
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

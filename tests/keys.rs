@@ -422,3 +422,41 @@ fn validity_dates() {
         "2999-12-31T22:00:00Z"
     );
 }
+
+#[test]
+fn disable_enable_with_kek_uri_like_name_at_version() {
+    let env = setup();
+    env.ok(&["key", "rotate", "k"]);
+    // --kek soft:NAME is NAME; ?version=N or --version N is NAME@N.
+    let out = env.ok(&["key", "disable", "--kek", "soft:k?version=1"]);
+    assert!(out.contains("disabled key k version 1"), "{out}");
+    assert_eq!(states(&show(&env, "k")), ["disabled", "enabled"]);
+    env.ok(&["key", "disable", "--kek", "soft:k", "--version", "2"]);
+    assert_eq!(states(&show(&env, "k")), ["disabled", "disabled"]);
+    init_refused(&env, "a", "soft:k", "disabled");
+    let out = env.ok(&["key", "enable", "--kek", "soft:k"]);
+    assert!(out.contains("enabled key k (all versions)"), "{out}");
+    assert_eq!(states(&show(&env, "k")), ["enabled", "enabled"]);
+    assert!(init(&env, "b", "soft:k").is_ok());
+    // Contradictions and misuse are usage errors; unknown keys are not found.
+    fails(
+        &env,
+        &[
+            "key",
+            "disable",
+            "--kek",
+            "soft:k?version=1",
+            "--version",
+            "2",
+        ],
+        USAGE,
+    );
+    fails(&env, &["key", "disable", "k", "--kek", "soft:k"], USAGE);
+    fails(&env, &["key", "disable", "k", "--version", "1"], USAGE);
+    fails(
+        &env,
+        &["key", "disable", "--kek", "soft:nope"],
+        KEY_NOT_FOUND,
+    );
+    assert_eq!(states(&show(&env, "k")), ["enabled", "enabled"]);
+}

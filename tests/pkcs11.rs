@@ -797,6 +797,286 @@ fn token_module_and_uri_errors_are_distinct() {
 }
 
 // ----------------------------------------------------------------------------------------
+// Token key lifecycle from the CLI, and what a mounted volume does about it.
+
+/// Bound for "within one poll interval" (300 ms polls): generous, the machine is shared.
+const BOUND: Duration = Duration::from_secs(15);
+
+fn read_errno(p: &Path) -> Option<i32> {
+    match std::fs::read(p) {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn handle_errno(f: &mut std::fs::File) -> Option<i32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Err(e) = f.seek(SeekFrom::Start(0)) {
+        return Some(e.raw_os_error().unwrap_or(-1));
+    }
+    match f.read_to_end(&mut buf) {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// `key_state` of the mounted volume (`state`, and `cause` when revoked).
+fn key_state(hsm: &Hsm, env: &Env) -> (String, String) {
+    let st = status_json(hsm, env, &env.mnt);
+    let s = |k: &str| st["key_state"][k].as_str().unwrap_or("").to_string();
+    (s("state"), s("cause"))
+}
+
+/// The CKA_WRAP / CKA_UNWRAP pair the helper reads from the version's first object.
+fn wrap_unwrap(hsm: &Hsm, label: &str, id: &str) -> (bool, bool) {
+    let out = hsm.helper(&["attrs", label, id]);
+    (out.contains(" wrap=true"), out.contains(" unwrap=true"))
+}
+
+#[test]
+fn key_disable_enable_kek_revokes_and_restores_a_mounted_volume() {
+    let Some((env, hsm)) = env_and_hsm("token_cli_disable_enable_mounted", true) else {
+        return;
+    };
+    let uri = hsm.uri("vol-kek", "");
+    hsm.ok(&env, &["key", "create", "--kek", &uri]);
+    hsm.ok(
+        &env,
+        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
+    );
+    let m = hsm.mount(&env, &["poll=300ms"]);
+    std::fs::create_dir(m.p("dir")).unwrap();
+    std::fs::write(m.p("dir/secret.txt"), b"token-guarded payload").unwrap();
+    // In the page cache, and a handle held open across the revocation.
+    assert_eq!(
+        std::fs::read(m.p("dir/secret.txt")).unwrap(),
+        b"token-guarded payload"
+    );
+    let mut held = std::fs::File::open(m.p("dir/secret.txt")).unwrap();
+    assert_eq!(handle_errno(&mut held), None);
+
+    let out = hsm.ok(&env, &["key", "disable", "--kek", &uri]);
+    assert!(
+        out.contains("disabled \"vol-kek\" version 1 (CKA_ID %01)") && out.contains("EKEYREVOKED"),
+        "{out}"
+    );
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "01"), (false, false));
+    assert!(
+        wait_for(BOUND, || read_errno(&m.p("dir/secret.txt"))
+            == Some(libc::EKEYREVOKED)),
+        "a fresh read did not fail with EKEYREVOKED: {:?}; log:\n{}",
+        read_errno(&m.p("dir/secret.txt")),
+        env.daemon_log()
+    );
+    assert_eq!(
+        handle_errno(&mut held),
+        Some(libc::EKEYREVOKED),
+        "the handle opened before kept working"
+    );
+    assert!(
+        std::fs::read_dir(m.p("dir")).is_err(),
+        "readdir lists names"
+    );
+    // The status file is published at the end of each poll, just after the gate changed.
+    assert!(
+        wait_for(BOUND, || key_state(&hsm, &env)
+            == ("revoked".to_string(), "disabled".to_string())),
+        "status: {:?}",
+        key_state(&hsm, &env)
+    );
+    // Disabling again changes nothing and says so.
+    let out = hsm.ok(&env, &["key", "disable", "--kek", &uri, "--version", "1"]);
+    assert!(out.contains("(it already was)"), "{out}");
+
+    let out = hsm.ok(&env, &["key", "enable", "--kek", &uri]);
+    assert!(out.contains("enabled \"vol-kek\" version 1"), "{out}");
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "01"), (true, true));
+    assert!(
+        wait_for(BOUND, || read_errno(&m.p("dir/secret.txt")).is_none()),
+        "reads did not resume after enable; log:\n{}",
+        env.daemon_log()
+    );
+    assert_eq!(
+        std::fs::read(m.p("dir/secret.txt")).unwrap(),
+        b"token-guarded payload"
+    );
+    assert_eq!(handle_errno(&mut held), None, "held handle after enable");
+    assert!(wait_for(BOUND, || key_state(&hsm, &env).0 == "active"));
+
+    // The key object destroyed on the token: key not found, ENOKEY.
+    hsm.helper(&["destroy", "vol-kek", "01"]);
+    assert!(
+        wait_for(BOUND, || read_errno(&m.p("dir/secret.txt"))
+            == Some(libc::ENOKEY)),
+        "a destroyed key did not give ENOKEY: {:?}",
+        read_errno(&m.p("dir/secret.txt"))
+    );
+    assert_eq!(handle_errno(&mut held), Some(libc::ENOKEY));
+    assert!(
+        wait_for(BOUND, || key_state(&hsm, &env)
+            == ("revoked".to_string(), "deleted".to_string())),
+        "status: {:?}",
+        key_state(&hsm, &env)
+    );
+    drop(held);
+    m.unmount();
+    let o = hsm.mount_fails(&env);
+    assert_fails(&o, 14, &["key not found"]);
+}
+
+#[test]
+fn key_rotate_kek_rewraps_a_following_mounted_volume_online() {
+    let Some((env, hsm)) = env_and_hsm("token_rotation_online", true) else {
+        return;
+    };
+    let uri = hsm.uri("vol-kek", "");
+    hsm.ok(&env, &["key", "create", "--kek", &uri]);
+    hsm.ok(
+        &env,
+        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
+    );
+    let m = hsm.mount(&env, &["poll=300ms"]);
+    std::fs::write(m.p("f"), b"follows the newest version").unwrap();
+    assert_eq!(wrapped_by(&hsm, &env, &env.mnt), [1, 1]);
+    let out = hsm.ok(&env, &["key", "rotate", "--kek", &uri]);
+    assert!(out.contains("version 2"), "{out}");
+    assert!(
+        wait_for(BOUND, || wrapped_by(&hsm, &env, &env.mnt) == [2, 1]),
+        "the mounted volume did not rewrap to version 2: {:?}; log:\n{}",
+        wrapped_by(&hsm, &env, &env.mnt),
+        env.daemon_log()
+    );
+    // The old version can go now without affecting the volume.
+    let out = hsm.ok(&env, &["key", "disable", "--kek", &uri, "--version", "1"]);
+    assert!(out.contains("disabled \"vol-kek\" version 1"), "{out}");
+    assert!(!out.contains("version 2"), "only version 1: {out}");
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "01"), (false, false));
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "02"), (true, true));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        std::fs::read(m.p("f")).unwrap(),
+        b"follows the newest version"
+    );
+    assert_eq!(key_state(&hsm, &env).0, "active");
+    m.unmount();
+    let m = hsm.mount(&env, &[]);
+    assert_eq!(
+        std::fs::read(m.p("f")).unwrap(),
+        b"follows the newest version"
+    );
+    m.unmount();
+}
+
+#[test]
+fn key_disable_enable_kek_cli_cases() {
+    let Some((env, hsm)) = env_and_hsm("token_cli_disable_cases", false) else {
+        return;
+    };
+    let uri = hsm.uri("vol-kek", "");
+    let b = env.backing.to_str().unwrap();
+    // No such key: not found.
+    let o = hsm.run(&env, &["key", "disable", "--kek", &uri]);
+    assert_fails(&o, 14, &["no key \"vol-kek\""]);
+    hsm.ok(&env, &["key", "create", "--kek", &uri]);
+    hsm.ok(&env, &["key", "rotate", "--kek", &uri]);
+    // All versions at once; init is refused while no version is usable.
+    let out = hsm.ok(&env, &["key", "disable", "--kek", &uri]);
+    assert!(
+        out.contains("version 1") && out.contains("version 2"),
+        "{out}"
+    );
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "01"), (false, false));
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "02"), (false, false));
+    let o = hsm.run(&env, &["init", b, "--kek", &uri]);
+    assert_fails(&o, 13, &["refused: disabled", "CKA_UNWRAP is false"]);
+    // One version, named by --version or by the URI's id=.
+    hsm.ok(&env, &["key", "enable", "--kek", &uri, "--version", "1"]);
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "01"), (true, true));
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "02"), (false, false));
+    hsm.ok(&env, &["init", b, "--kek", &uri]);
+    assert_eq!(wrapped_by(&hsm, &env, &env.backing), [1, 1]);
+    hsm.ok(
+        &env,
+        &["key", "enable", "--kek", &hsm.uri("vol-kek", ";id=%02")],
+    );
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "02"), (true, true));
+    // Contradictions and unknown versions.
+    let o = hsm.run(
+        &env,
+        &[
+            "key",
+            "disable",
+            "--kek",
+            &hsm.uri("vol-kek", ";id=%02"),
+            "--version",
+            "1",
+        ],
+    );
+    assert_fails(&o, 2, &["contradicts"]);
+    let o = hsm.run(&env, &["key", "disable", "--kek", &uri, "--version", "7"]);
+    assert_fails(&o, 14, &["no version 7"]);
+    assert_eq!(wrap_unwrap(&hsm, "vol-kek", "01"), (true, true));
+    // NAME and --kek together, or --version without --kek: usage errors.
+    assert_eq!(
+        hsm.run(&env, &["key", "disable", "k", "--kek", &uri])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        hsm.run(&env, &["key", "enable", "k", "--version", "1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(hsm.run(&env, &["key", "disable"]).status.code(), Some(2));
+}
+
+#[test]
+fn rsa_key_create_and_disable_through_the_cli() {
+    let Some((env, hsm)) = env_and_hsm("token_cli_rsa", false) else {
+        return;
+    };
+    // type=private asks for an RSA key pair (what a token that cannot wrap with AES gets).
+    let uri = hsm.uri("rsa-kek", ";type=private");
+    let out = hsm.ok(&env, &["key", "create", "--kek", &uri]);
+    assert!(
+        out.contains("created RSA-3072 key \"rsa-kek\" version 1"),
+        "{out}"
+    );
+    let b = env.backing.to_str().unwrap();
+    hsm.ok(&env, &["init", b, "--kek", &uri]);
+    assert!(
+        slot_mechanisms(&env.backing)
+            .iter()
+            .all(|&m| m == kekfs::kek::mechanism::PKCS11_RSA_OAEP_SHA256
+                || m == kekfs::kek::mechanism::PKCS11_RSA_OAEP_SHA1),
+        "{:?}",
+        slot_mechanisms(&env.backing)
+    );
+    // Rotation keeps the kind.
+    let out = hsm.ok(&env, &["key", "rotate", "--kek", &uri]);
+    assert!(
+        out.contains("created RSA-3072 key \"rsa-kek\" version 2"),
+        "{out}"
+    );
+    // Disable sets CKA_UNWRAP false on the private key and CKA_WRAP false on the public key:
+    // neither wrapping (init) nor unwrapping (rewrap needs both) works.
+    hsm.ok(&env, &["key", "disable", "--kek", &uri]);
+    let other = env.dir.path().join("other");
+    let o = hsm.run(&env, &["init", other.to_str().unwrap(), "--kek", &uri]);
+    assert_fails(&o, 13, &["refused: disabled"]);
+    let o = hsm.run(&env, &["rewrap", b]);
+    assert_fails(&o, 13, &["refused: disabled"]);
+    hsm.ok(&env, &["key", "enable", "--kek", &uri]);
+    hsm.ok(&env, &["init", other.to_str().unwrap(), "--kek", &uri]);
+    assert_eq!(wrapped_by(&hsm, &env, &other), [2, 2]);
+    hsm.ok(&env, &["rewrap", b]);
+    assert_eq!(wrapped_by(&hsm, &env, &env.backing), [2, 1]);
+}
+
+// ----------------------------------------------------------------------------------------
 // The helper: token operations with cryptoki in a process of their own.
 
 /// Not a test: the entry point of the helper process (does nothing in a normal run).

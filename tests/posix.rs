@@ -2128,9 +2128,29 @@ fn sizes_beyond_the_limit_fail_with_efbig() {
         .unwrap();
     let huge = i64::MAX as u64 - 4096;
     assert_eq!(errno_of(f.set_len(huge), "truncate huge"), libc::EFBIG);
-    assert_eq!(errno_of(f.write_at(b"x", huge), "write huge"), libc::EFBIG);
     assert_eq!(f.metadata().unwrap().len(), 5000);
+    // With the kernel's write-back cache (the default) the write is accepted into the
+    // page cache and the error surfaces when it is written back (fsync); with
+    // cache=writethrough it fails at once. Either way it is reported, and the file on
+    // disk is untouched.
+    match f.write_at(b"x", huge) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EFBIG)),
+        Ok(_) => assert_eq!(
+            errno_of(f.sync_all(), "fsync after huge write"),
+            libc::EFBIG
+        ),
+    }
+    drop(f);
+    m.unmount();
+    let m = env.mount_with(&["cache=writethrough"]);
+    assert_eq!(fs::metadata(m.p("f")).unwrap().len(), 5000);
     assert_bytes_eq(&fs::read(m.p("f")).unwrap(), &data, "unchanged after EFBIG");
+    let f = OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    assert_eq!(
+        errno_of(f.write_at(b"x", huge), "write huge, write-through"),
+        libc::EFBIG
+    );
+    assert_eq!(f.metadata().unwrap().len(), 5000);
 }
 
 #[test]

@@ -22,10 +22,13 @@ impl Ready {
         }
     }
 
-    /// Report success; the parent exits 0.
+    /// Report success; the parent exits 0. In the foreground under systemd
+    /// (`Type=notify`), tell the service manager the mount is ready.
     pub fn ok(&mut self) {
         if let Some(mut p) = self.pipe.take() {
             let _ = p.write_all(b"0\n");
+        } else if !self.detached {
+            sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         }
     }
 
@@ -39,6 +42,28 @@ impl Ready {
     /// True when detached from the terminal.
     pub fn detached(&self) -> bool {
         self.detached
+    }
+}
+
+/// Send a state string to the service manager named by `$NOTIFY_SOCKET` (sd_notify(3)):
+/// a socket path, or `@name` for an abstract socket. Silently does nothing without one.
+pub fn sd_notify(state: &str) {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_encoded_bytes();
+    let addr = match bytes.first() {
+        Some(b'@') => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(&bytes[1..])
+        }
+        Some(b'/') => SocketAddr::from_pathname(std::path::Path::new(&target)),
+        _ => return,
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        log::warn!("notifying the service manager failed: {e}");
     }
 }
 

@@ -51,6 +51,7 @@ pub fn kek_code(e: &KekError) -> i32 {
         KekError::PinLocked(_) => exit::PIN_LOCKED,
         KekError::Unsupported(_) => exit::UNSUPPORTED,
         KekError::ModuleLoad(_) => exit::MODULE_LOAD,
+        KekError::AuditFailed(_) => exit::AUDIT_FAILED,
         _ => exit::FAILURE,
     }
 }

@@ -31,6 +31,17 @@ pub const NOT_MOUNTED: i32 = 20;
 /// The keystore refused a key change: purge protection, retention period not over (or
 /// over, for recover), key deleted (or not deleted), impossible dates.
 pub const CHANGE_REFUSED: i32 = 21;
+/// The audit log could not be written and the policy is fail-closed: the key operation
+/// was refused.
+pub const AUDIT_FAILED: i32 = 22;
+/// `kekfs audit check` found an edited, deleted, reordered or torn line.
+pub const AUDIT_TAMPERED: i32 = 23;
+/// `kekfs audit follow --fail-on-alert` raised an alert.
+pub const AUDIT_ALERT: i32 = 24;
+/// `kekfs verify` found a problem (key, header, block, name).
+pub const VERIFY_FAILED: i32 = 25;
+/// `kekfs drill` could not complete its measurement (the key was restored).
+pub const DRILL_FAILED: i32 = 26;
 /// No PKCS#11 token matching the KEK URI is present (or it went away).
 pub const TOKEN_ABSENT: i32 = 30;
 /// The token's user PIN is locked or expired; its security officer must reset it.

@@ -23,17 +23,31 @@ fn current_euid() -> u32 {
 #[derive(Debug, Subcommand)]
 pub enum KeyLifecycleCmd {
     /// Disable a key (all versions) or one version (NAME@VERSION): wrap and unwrap are
-    /// refused at once, including by running mounts.
+    /// refused at once, including by running mounts. A token key: --kek 'pkcs11:…'
+    /// [--version N] sets CKA_UNWRAP and CKA_WRAP false on its key objects.
     Disable {
         /// NAME or NAME@VERSION.
-        #[arg(value_name = "NAME[@VERSION]")]
-        target: String,
+        #[arg(value_name = "NAME[@VERSION]", required_unless_present = "kek")]
+        target: Option<String>,
+        /// The key as a KEK URI instead of NAME (pkcs11:… or soft:NAME[?version=N]).
+        #[arg(long, value_name = "URI", conflicts_with = "target")]
+        kek: Option<String>,
+        /// With --kek: only this version (pkcs11: the key object with CKA_ID = N).
+        #[arg(long, value_name = "N", requires = "kek")]
+        version: Option<u32>,
     },
-    /// Enable a key (all versions) or one version (NAME@VERSION) again.
+    /// Enable a key (all versions) or one version (NAME@VERSION) again. A token key:
+    /// --kek 'pkcs11:…' [--version N] sets CKA_UNWRAP and CKA_WRAP true again.
     Enable {
         /// NAME or NAME@VERSION.
-        #[arg(value_name = "NAME[@VERSION]")]
-        target: String,
+        #[arg(value_name = "NAME[@VERSION]", required_unless_present = "kek")]
+        target: Option<String>,
+        /// The key as a KEK URI instead of NAME (pkcs11:… or soft:NAME[?version=N]).
+        #[arg(long, value_name = "URI", conflicts_with = "target")]
+        kek: Option<String>,
+        /// With --kek: only this version (pkcs11: the key object with CKA_ID = N).
+        #[arg(long, value_name = "N", requires = "kek")]
+        version: Option<u32>,
     },
     /// Set validity dates of a key (all versions) or one version, or a key's retention.
     ///
@@ -172,7 +186,27 @@ fn what(name: &str, version: Option<u32>) -> String {
 pub fn run(cmd: KeyLifecycleCmd, popts: &ProviderOptions) -> Result<(), CliError> {
     let now = keystore::unix_now();
     match cmd {
-        KeyLifecycleCmd::Disable { target } => {
+        KeyLifecycleCmd::Disable {
+            kek: Some(kek),
+            version,
+            ..
+        } => super::token::set_enabled(&kek, version, false, popts),
+        KeyLifecycleCmd::Enable {
+            kek: Some(kek),
+            version,
+            ..
+        } => super::token::set_enabled(&kek, version, true, popts),
+        KeyLifecycleCmd::Disable {
+            version: Some(_), ..
+        }
+        | KeyLifecycleCmd::Enable {
+            version: Some(_), ..
+        } => Err(usage(
+            "--version goes with --kek URI; for a keystore key write NAME@VERSION",
+        )),
+        KeyLifecycleCmd::Disable { target, .. } => {
+            // clap requires NAME when --kek is absent.
+            let target = target.unwrap_or_default();
             let (name, version) = parse_target(&target)?;
             let changed = open(popts)?.disable_version(&name, version)?;
             let note = if changed { "" } else { " (it already was)" };
@@ -183,7 +217,8 @@ pub fn run(cmd: KeyLifecycleCmd, popts: &ProviderOptions) -> Result<(), CliError
             );
             Ok(())
         }
-        KeyLifecycleCmd::Enable { target } => {
+        KeyLifecycleCmd::Enable { target, .. } => {
+            let target = target.unwrap_or_default();
             let (name, version) = parse_target(&target)?;
             let changed = open(popts)?.enable_version(&name, version)?;
             let note = if changed { "" } else { " (it already was)" };

@@ -1,9 +1,13 @@
 //! The `kekfs` command line: argument parsing and dispatch to keystore, volume and mount
 //! operations. `main.rs` only calls [`main`].
 
+pub mod audit;
 pub mod daemon;
+pub mod drill;
 pub mod error;
 pub mod exit;
+pub mod harden;
+pub mod helper;
 pub mod keys;
 pub mod logger;
 pub mod mount;
@@ -11,10 +15,11 @@ pub mod mounts;
 pub mod rewrap;
 pub mod timespec;
 pub mod token;
+pub mod verify;
 
 use crate::kek::keystore::{self, Keystore};
 use crate::kek::passphrase::PassphraseSource;
-use crate::kek::{KekUri, ProviderOptions, open_provider};
+use crate::kek::{KekUri, ProviderOptions};
 use crate::volume::{self, Volume};
 use clap::{Parser, Subcommand};
 use error::CliError;
@@ -30,6 +35,7 @@ use std::path::PathBuf;
   kekfs init /srv/vol.enc --kek soft:vol-kek
   kekfs mount /srv/vol.enc /mnt/vol
   kekfs unmount /mnt/vol
+  mount -t fuse.kekfs /srv/vol.enc /mnt/vol -o passfile=FILE   # after `kekfs install-helper`
 
 The keystore passphrase comes from --passfile FILE, $KEKFS_PASSPHRASE,
 $KEKFS_PASSFILE, or a prompt. The keystore lives in --keystore DIR,
@@ -45,6 +51,10 @@ pub struct Cli {
     /// More detailed logs.
     #[arg(short, long, global = true)]
     verbose: bool,
+    /// Base directory of per-volume and per-token audit logs ($KEKFS_AUDIT_DIR, else
+    /// /var/log/kekfs for root, ~/.local/state/kekfs/audit otherwise).
+    #[arg(long, global = true, value_name = "DIR")]
+    audit_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -78,7 +88,9 @@ enum Cmd {
         mountpoint: PathBuf,
         /// Mount options, comma-separated: ro, allow_other, allow_root, nodev, nosuid,
         /// noexec, noatime, sync, kek=URI, passfile=FILE, keystore=DIR, log=FILE,
-        /// threads=N; fstab-only options (noauto, user, _netdev, x-systemd.*) are ignored.
+        /// threads=N, poll=DURATION, grace=DURATION, audit=best-effort|fail-closed,
+        /// audit_dir=DIR, audit_heartbeat=DURATION; fstab-only options (noauto, user,
+        /// _netdev, x-systemd.*) are ignored.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Stay in the foreground (logs to stderr).
@@ -108,6 +120,45 @@ enum Cmd {
         #[arg(long, value_name = "URI")]
         to_kek: Option<String>,
     },
+    /// Query and check the audit logs (key operations and volume state changes).
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
+    },
+    /// Prove a volume is under its KEK and every block authenticates.
+    ///
+    /// Checks the header slots (KEK and version), the KEK's protection, and every name,
+    /// file header, block, symlink and xattr. Exit 25 on any problem.
+    Verify {
+        /// Backing directory or mountpoint.
+        path: PathBuf,
+        /// The KEK the volume must be under (URI; with id= also the version).
+        #[arg(long, value_name = "URI")]
+        kek: Option<String>,
+        /// The KEK version slot 0 must be wrapped by.
+        #[arg(long, value_name = "N")]
+        key_version: Option<u32>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable the volume's KEK briefly and time how fast reads fail and resume.
+    ///
+    /// The volume, and others under the same key version, stop serving meanwhile; the key
+    /// is always put back as it was.
+    Drill {
+        /// Backing directory or mountpoint (mounted temporarily if not mounted).
+        path: PathBuf,
+        /// Go ahead: the volume goes offline briefly.
+        #[arg(long)]
+        yes: bool,
+        /// Longest wait for reads to fail, and then to resume.
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        timeout: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a volume (backing dir or mountpoint), or every active kekfs mount.
     Status {
         /// Backing directory or mountpoint; all mounts if omitted.
@@ -115,6 +166,25 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Install kekfs where mount(8) finds it (PREFIX/sbin/kekfs and SBIN_DIR/mount.kekfs), so
+    /// that `mount -t fuse.kekfs BACKING MOUNTPOINT -o OPTIONS` and fstab lines work.
+    InstallHelper {
+        /// Link the binary as PREFIX/sbin/kekfs (on the PATH mount.fuse3 uses).
+        #[arg(long, value_name = "DIR", default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Where mount(8) looks for mount.TYPE helpers (for `mount -t kekfs`).
+        #[arg(long, value_name = "DIR", default_value = "/sbin")]
+        sbin_dir: PathBuf,
+        /// Copy the binary instead of linking it.
+        #[arg(long)]
+        copy: bool,
+        /// Replace (or remove) files of the same name that are not this kekfs.
+        #[arg(long)]
+        force: bool,
+        /// Remove what install-helper installed.
+        #[arg(long)]
+        uninstall: bool,
     },
 }
 
@@ -192,6 +262,7 @@ pub(crate) fn fmt_time(t: u64) -> String {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let popts = provider_options(&cli);
+    audit::configure(cli.audit_dir.as_deref(), &command_name(&cli.cmd))?;
     match cli.cmd {
         Cmd::Keystore {
             cmd: KeystoreCmd::Init,
@@ -203,13 +274,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Key {
             cmd: KeyCmd::Create { name, kek },
-        } => token::create_or_rotate(&token::target(name, kek)?, false, &popts),
+        } => audit::create_or_rotate(&token::target(name, kek)?, false, &popts),
         Cmd::Key {
             cmd: KeyCmd::Rotate { name, kek },
-        } => token::create_or_rotate(&token::target(name, kek)?, true, &popts),
+        } => audit::create_or_rotate(&token::target(name, kek)?, true, &popts),
         Cmd::Key {
             cmd: KeyCmd::Lifecycle(c),
-        } => keys::run(c, &popts),
+        } => audit::lifecycle(c, &popts),
         Cmd::Key {
             cmd: KeyCmd::List { json },
         } => {
@@ -250,9 +321,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Init { backing, kek } => {
             let uri = KekUri::parse(&kek)?;
             let pinned = uri.version().unwrap_or(0);
-            let provider = open_provider(&uri, &popts)?;
-            let vol = Volume::create(&backing, provider.as_ref(), pinned)?;
-            keys::register_volume(provider.as_ref(), vol.id(), &backing);
+            let provider = crate::audit::open_audited(&uri, &popts, None)?;
+            let vol = Volume::create(&backing, &provider, pinned)?;
+            keys::register_volume(&provider, vol.id(), &backing);
+            audit::init_line(&provider, &vol, &backing)?;
             println!(
                 "created volume {} in {} under {} (key version {})",
                 volume::hex(vol.id()),
@@ -289,11 +361,110 @@ fn run(cli: Cli) -> Result<(), CliError> {
             &popts,
         ),
         Cmd::Status { path, json } => mount::status(path.as_deref(), json),
+        Cmd::Audit { cmd } => audit::run(cmd, &popts),
+        Cmd::Verify {
+            path,
+            kek,
+            key_version,
+            json,
+        } => verify::verify(
+            &path,
+            &verify::Expect {
+                kek,
+                version: key_version,
+            },
+            json,
+            &popts,
+        ),
+        Cmd::Drill {
+            path,
+            yes,
+            timeout,
+            json,
+        } => drill::drill(
+            &drill::DrillArgs {
+                path,
+                yes,
+                timeout: crate::audit::sink::parse_secs(&timeout).ok_or_else(|| {
+                    CliError::new(exit::USAGE, "--timeout: expected a duration like 60s")
+                })?,
+                json,
+                audit_dir: cli.audit_dir.clone(),
+            },
+            &popts,
+        ),
+        Cmd::InstallHelper {
+            prefix,
+            sbin_dir,
+            copy,
+            force,
+            uninstall,
+        } => helper::install(&helper::InstallArgs {
+            prefix,
+            sbin_dir,
+            copy,
+            force,
+            uninstall,
+        }),
+    }
+}
+
+/// Every subcommand name and alias (and `help`): an `argv[1]` equal to one is never taken
+/// for a backing directory.
+fn subcommand_names() -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let mut names = vec!["help".to_string()];
+    for c in cmd.get_subcommands() {
+        names.push(c.get_name().to_string());
+        names.extend(c.get_all_aliases().map(str::to_string));
+    }
+    names
+}
+
+/// The command's name as recorded in audit lines (`mount`, `key disable`, …).
+fn command_name(cmd: &Cmd) -> String {
+    match cmd {
+        Cmd::Keystore { .. } => "keystore init".into(),
+        Cmd::Key { cmd } => match cmd {
+            KeyCmd::Create { .. } => "key create".into(),
+            KeyCmd::Rotate { .. } => "key rotate".into(),
+            KeyCmd::List { .. } => "key list".into(),
+            KeyCmd::Lifecycle(c) => format!("key {}", audit::lifecycle_name(c)),
+        },
+        Cmd::Init { .. } => "init".into(),
+        Cmd::Mount { .. } => "mount".into(),
+        Cmd::Unmount { .. } => "unmount".into(),
+        Cmd::Rewrap { .. } => "rewrap".into(),
+        Cmd::Status { .. } => "status".into(),
+        Cmd::Audit { .. } => "audit".into(),
+        Cmd::Verify { .. } => "verify".into(),
+        Cmd::Drill { .. } => "drill".into(),
+        #[allow(unreachable_patterns)]
+        _ => String::new(),
     }
 }
 
 /// Run the CLI; returns the process exit code.
 pub fn main() -> i32 {
+    // `kekfs BACKING MOUNTPOINT -o …` (as mount.fuse3 runs it) or `mount.kekfs …`.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match helper::classify(&argv, &subcommand_names()) {
+        helper::Invocation::Cli => {}
+        helper::Invocation::BadHelper(m) => {
+            eprintln!("kekfs: {m}");
+            return exit::USAGE;
+        }
+        helper::Invocation::MountHelper(a) => {
+            return match helper::run_helper(a) {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    eprintln!("kekfs: {}", e.message);
+                    e.code
+                }
+            };
+        }
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

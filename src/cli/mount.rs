@@ -6,7 +6,7 @@ use super::error::CliError;
 use super::{exit, logger, mounts};
 use crate::format::LOCK_FILE;
 use crate::fuse::KekFs;
-use crate::kek::{KekUri, ProviderOptions, open_provider};
+use crate::kek::{KekUri, ProviderOptions};
 use crate::monitor::{Gate, Monitor, Stop, Timing, status};
 use crate::volume::{self, Volume};
 use fuser::{Config, MountOption, SessionACL};
@@ -61,6 +61,14 @@ pub struct Options {
     pub poll: Option<Duration>,
     /// `grace=DURATION`: how long a transient provider outage is tolerated.
     pub grace: Option<Duration>,
+    /// `cache=writethrough`: no kernel write-back caching.
+    pub writethrough: bool,
+    /// `audit=fail-closed|best-effort`: what to do when the audit log cannot be written.
+    pub audit: Option<crate::audit::Policy>,
+    /// `audit_dir=DIR`: base directory of the volume's audit log.
+    pub audit_dir: Option<PathBuf>,
+    /// `audit_heartbeat=DURATION`: interval of poll lines while nothing changes.
+    pub audit_heartbeat: Option<Duration>,
 }
 
 /// Parse a duration: `500ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
@@ -123,9 +131,36 @@ pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
             "async" => o.flags.push(MountOption::Async),
             "dirsync" => o.flags.push(MountOption::DirSync),
             "kek" => o.kek = Some(need(v)?),
+            "audit" => {
+                o.audit = Some(
+                    need(v)?
+                        .parse()
+                        .map_err(|m: String| CliError::new(exit::USAGE, format!("audit=: {m}")))?,
+                )
+            }
+            "audit_dir" => o.audit_dir = Some(need(v)?.into()),
+            "audit_heartbeat" => {
+                let raw = need(v)?;
+                o.audit_heartbeat = Some(parse_duration(&raw).ok_or_else(|| {
+                    CliError::new(
+                        exit::USAGE,
+                        format!("audit_heartbeat={raw}: expected a duration like 30s or 10m"),
+                    )
+                })?);
+            }
             "passfile" => o.passfile = Some(need(v)?.into()),
             "keystore" => o.keystore = Some(need(v)?.into()),
             "log" => o.log = Some(need(v)?.into()),
+            "cache" => match need(v)?.as_str() {
+                "writeback" => o.writethrough = false,
+                "writethrough" => o.writethrough = true,
+                other => {
+                    return Err(CliError::new(
+                        exit::USAGE,
+                        format!("cache={other}: expected writeback or writethrough"),
+                    ));
+                }
+            },
             "poll" | "grace" => {
                 let raw = need(v)?;
                 let d = parse_duration(&raw).ok_or_else(|| {
@@ -155,6 +190,12 @@ pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
                 }
                 o.threads = Some(n);
             }
+            "remount" => {
+                return Err(CliError::new(
+                    exit::USAGE,
+                    "kekfs cannot change a mounted volume's options (remount); unmount it and mount it again",
+                ));
+            }
             // fstab / mount(8) options that concern mount(8), systemd or fuse helpers only.
             "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "owner" | "_netdev"
             | "nofail" | "relatime" | "norelatime" | "strictatime" => {}
@@ -167,7 +208,33 @@ pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
             }
         }
     }
+    o.flags = last_flag_wins(std::mem::take(&mut o.flags));
     Ok(o)
+}
+
+/// As mount(8) does, a later flag overrides an earlier opposite one (`nodev,…,dev` is
+/// `dev`: mount.fuse3 appends `dev,suid` to the options it passes on).
+fn last_flag_wins(flags: Vec<MountOption>) -> Vec<MountOption> {
+    use MountOption::*;
+    let opposite = |f: &MountOption| match f {
+        Dev => Some(NoDev),
+        NoDev => Some(Dev),
+        Suid => Some(NoSuid),
+        NoSuid => Some(Suid),
+        Exec => Some(NoExec),
+        NoExec => Some(Exec),
+        Atime => Some(NoAtime),
+        NoAtime => Some(Atime),
+        Sync => Some(Async),
+        Async => Some(Sync),
+        _ => None,
+    };
+    let mut out: Vec<MountOption> = Vec::new();
+    for f in flags {
+        out.retain(|g| Some(g) != opposite(&f).as_ref() && *g != f);
+        out.push(f);
+    }
+    out
 }
 
 /// The lock a mounted volume holds in its backing directory.
@@ -191,7 +258,8 @@ impl VolumeLock {
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
             let mut who = String::new();
-            let _ = file.read_to_string(&mut who);
+            // The backing directory is untrusted: read a bounded amount.
+            let _ = (&mut file).take(4096).read_to_string(&mut who);
             let mut it = who.lines();
             let pid = it.next().unwrap_or("?");
             let mp = it.next().unwrap_or("?");
@@ -231,13 +299,13 @@ impl VolumeLock {
 
     /// The pid recorded in the lock file.
     pub fn holder_pid(backing: &Path) -> Option<u32> {
-        std::fs::read_to_string(backing.join(LOCK_FILE))
+        let mut who = String::new();
+        File::open(backing.join(LOCK_FILE))
             .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
+            .take(4096)
+            .read_to_string(&mut who)
+            .ok()?;
+        who.lines().next()?.trim().parse().ok()
     }
 }
 
@@ -257,6 +325,12 @@ fn canonical_dir(p: &Path, what: &str) -> Result<PathBuf, CliError> {
 /// mount is ready while a detached daemon serves it.
 pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError> {
     let opts = parse_options(&args.options)?;
+    // Before any secret is read: no core dumps (inherited by the daemon), key memory
+    // locked where the limits allow (not inherited: the daemon locks again below).
+    let mut hardening = super::harden::disable_core_dumps();
+    if let Err(m) = super::harden::lock_memory() {
+        eprintln!("kekfs: warning: {m}");
+    }
     if let Some(ks) = &opts.keystore {
         popts.keystore_dir = ks.clone();
     }
@@ -297,8 +371,17 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
             format!("kek={k} does not match the volume's KEK {}", header.kek_uri),
         ));
     }
-    let provider = open_provider(&uri, &popts)?;
-    let vol = Volume::open(&backing, provider.as_ref())?;
+    crate::audit::sink::update(|s| {
+        s.policy = opts.audit.unwrap_or(s.policy);
+        s.base_dir = opts.audit_dir.clone().unwrap_or(s.base_dir.clone());
+        s.heartbeat = opts.audit_heartbeat.unwrap_or(s.heartbeat);
+        if s.command.is_empty() {
+            // Run as mount.kekfs / by mount.fuse3: still a mount.
+            s.command = "mount".into();
+        }
+    });
+    let provider = crate::audit::open_audited(&uri, &popts, Some((&header.volume_id, &backing)))?;
+    let vol = Volume::open(&backing, &provider)?;
 
     let mut ready = if args.foreground {
         Ready::foreground()
@@ -322,6 +405,21 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
         None => logger::Target::Stderr,
     };
     logger::init(log_target, args.verbose);
+    // Memory locks do not survive fork; in the foreground the warning was printed above.
+    if let Err(m) = super::harden::lock_memory()
+        && ready.detached()
+    {
+        hardening.push(m);
+    }
+    match super::harden::raise_nofile_limit() {
+        Ok(n) => log::debug!("descriptor limit {n}"),
+        Err(e) => hardening.push(format!("could not raise the descriptor limit: {e}")),
+    }
+    for m in &hardening {
+        log::warn!("{m}");
+    }
+    // From here on audit write failures go to the daemon log only.
+    crate::audit::sink::update(|s| s.warn_on_stderr = false);
     match serve(
         vol,
         provider,
@@ -342,7 +440,7 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
 
 fn serve(
     vol: Volume,
-    provider: Box<dyn crate::kek::KekProvider>,
+    provider: crate::audit::Audited,
     backing: &Path,
     mountpoint: &Path,
     opts: &Options,
@@ -352,12 +450,14 @@ fn serve(
     crate::fuse::sys::set_umask(0);
     let vid = volume::hex(vol.id());
     let gate = Arc::new(Gate::new(vol));
-    let fs = KekFs::new(gate.clone(), backing, opts.read_only).map_err(|e| {
-        CliError::new(
-            exit::MOUNT_FAILED,
-            format!("opening backing directory: {e}"),
-        )
-    })?;
+    let fs = KekFs::with_cache(gate.clone(), backing, opts.read_only, !opts.writethrough).map_err(
+        |e| {
+            CliError::new(
+                exit::MOUNT_FAILED,
+                format!("opening backing directory: {e}"),
+            )
+        },
+    )?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(backing.display().to_string()),
@@ -393,7 +493,36 @@ fn serve(
         poll: opts.poll.unwrap_or(Timing::default().poll),
         grace: opts.grace.unwrap_or(Timing::default().grace),
     };
-    let mut monitor = Monitor::new(gate.clone(), provider, backing.to_path_buf(), timing);
+    let audit = provider.audit().clone();
+    let capture = provider.capture();
+    let slot0 = volume::read_header(backing)
+        .map(|(h, _)| h.slots[0].key_version)
+        .ok();
+    crate::audit::volume::state_line(
+        &audit,
+        crate::audit::record::op::MOUNT,
+        200,
+        slot0,
+        format!(
+            "mounted at {} (poll {:?}, grace {:?}, audit={})",
+            mountpoint.display(),
+            timing.poll,
+            timing.grace,
+            audit.policy()
+        ),
+        true,
+    )?;
+    let mut monitor = Monitor::new(
+        gate.clone(),
+        Box::new(provider),
+        backing.to_path_buf(),
+        timing,
+    );
+    monitor.on_event = Some(crate::audit::volume::monitor_hook(
+        audit.clone(),
+        capture,
+        crate::audit::sink::settings().heartbeat,
+    ));
     let published = status::Published {
         pid: std::process::id(),
         volume_id: vid.clone(),
@@ -461,6 +590,15 @@ fn serve(
     stop.stop();
     let _ = monitor_thread.join();
     status::remove(&vid);
+    crate::audit::sink::new_activity();
+    let _ = crate::audit::volume::state_line(
+        &audit,
+        crate::audit::record::op::UNMOUNT,
+        200,
+        None,
+        format!("unmounted from {}", mountpoint.display()),
+        true,
+    );
     info!("volume {vid} unmounted from {}", mountpoint.display());
     r.map_err(|e| CliError::failure(format!("FUSE session ended with an error: {e}")))
 }

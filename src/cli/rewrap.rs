@@ -3,7 +3,8 @@
 
 use super::error::CliError;
 use super::{exit, mounts};
-use crate::kek::{KekUri, ProviderOptions, open_provider};
+use crate::audit::{open_audited, record};
+use crate::kek::{KekUri, ProviderOptions};
 use crate::volume::{self, Volume};
 use std::path::Path;
 
@@ -31,8 +32,9 @@ pub fn rewrap(path: &Path, target: &Target, popts: &ProviderOptions) -> Result<(
     let backing = backing_of(path)?;
     let (header, _) = volume::read_header(&backing)?;
     let current = KekUri::parse(&header.kek_uri)?;
-    let old_provider = open_provider(&current, popts)?;
-    let vol = Volume::open(&backing, old_provider.as_ref())?;
+    let for_volume = Some((&header.volume_id, backing.as_path()));
+    let old_provider = open_audited(&current, popts, for_volume)?;
+    let vol = Volume::open(&backing, &old_provider)?;
     let new_uri = match (&target.kek, target.version) {
         (Some(_), Some(_)) => {
             return Err(CliError::new(
@@ -48,10 +50,21 @@ pub fn rewrap(path: &Path, target: &Target, popts: &ProviderOptions) -> Result<(
     let new_provider = if new_uri == current {
         old_provider
     } else {
-        open_provider(&new_uri, popts)?
+        open_audited(&new_uri, popts, for_volume)?
     };
     let before = header.slots[0].key_version;
-    let nh = vol.rewrap(&backing, new_provider.as_ref(), pinned)?;
+    let nh = vol.rewrap(&backing, &new_provider, pinned)?;
+    crate::audit::volume::state_line(
+        new_provider.audit(),
+        record::op::REWRAP,
+        200,
+        Some(nh.slots[0].key_version),
+        format!(
+            "rewrapped from {} version {before} to {} version {}",
+            header.kek_uri, nh.kek_uri, nh.slots[0].key_version
+        ),
+        true,
+    )?;
     println!(
         "rewrapped volume {}: {} version {} -> {} version {}{}",
         volume::hex(&nh.volume_id),

@@ -23,6 +23,36 @@ impl std::fmt::Display for AuthError {
 }
 impl std::error::Error for AuthError {}
 
+/// Fresh random nonces drawn from the OS CSPRNG in one call and handed out once each.
+/// Not `Clone`: a nonce taken from a batch cannot be taken again.
+pub struct NonceBatch {
+    bytes: Vec<u8>,
+    next: usize,
+}
+
+impl NonceBatch {
+    /// `n` fresh nonces.
+    pub fn new(n: usize) -> Self {
+        let mut bytes = vec![0u8; n * NONCE_LEN];
+        super::random_bytes(&mut bytes);
+        Self { bytes, next: 0 }
+    }
+
+    fn take(&mut self) -> [u8; NONCE_LEN] {
+        let end = self.next + NONCE_LEN;
+        let s = self
+            .bytes
+            .get_mut(self.next..end)
+            .expect("NonceBatch sized for every block it seals");
+        let mut n = [0u8; NONCE_LEN];
+        n.copy_from_slice(s);
+        // Wipe the used nonce from the batch so it can never be handed out twice.
+        s.fill(0);
+        self.next = end;
+        n
+    }
+}
+
 /// An initialised AES-256-GCM cipher for one key. Holds the expanded key schedule,
 /// which the underlying crate zeroizes on drop.
 pub struct Cipher {
@@ -46,13 +76,25 @@ impl Cipher {
     /// Seal `plaintext` into `out`, which must be exactly `plaintext.len() + OVERHEAD` bytes:
     /// a fresh random nonce, the ciphertext, the tag.
     pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut [u8]) {
+        self.seal_into_batch(&mut NonceBatch::new(1), aad, plaintext, out);
+    }
+
+    /// Like `seal_into`, taking the next fresh nonce from `nonces` (so many blocks can be
+    /// sealed with one call to the OS RNG). Panics if the batch is exhausted.
+    pub fn seal_into_batch(
+        &self,
+        nonces: &mut NonceBatch,
+        aad: &[u8],
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) {
         assert_eq!(
             out.len(),
             plaintext.len() + OVERHEAD,
             "seal_into: bad output length"
         );
         let (nonce_out, rest) = out.split_at_mut(NONCE_LEN);
-        super::random_bytes(nonce_out);
+        nonce_out.copy_from_slice(&nonces.take());
         let (ct, tag_out) = rest.split_at_mut(plaintext.len());
         ct.copy_from_slice(plaintext);
         let nonce = Nonce::try_from(&nonce_out[..]).expect("nonce length is NONCE_LEN");
@@ -121,6 +163,29 @@ mod tests {
             assert_eq!(c.open(b"aad", &bad), Err(AuthError), "flip at {i}");
         }
         assert_eq!(c.open(b"aad", &sealed[..5]), Err(AuthError));
+    }
+
+    #[test]
+    fn batch_nonces_are_distinct() {
+        let c = Cipher::new(&Key32::from_bytes([9u8; 32]));
+        let mut b = NonceBatch::new(64);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let mut out = vec![0u8; 4 + OVERHEAD];
+            c.seal_into_batch(&mut b, b"a", b"abcd", &mut out);
+            assert!(seen.insert(out[..NONCE_LEN].to_vec()));
+            assert_eq!(c.open(b"a", &out).unwrap(), b"abcd");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "NonceBatch")]
+    fn exhausted_batch_panics_rather_than_reuse() {
+        let c = Cipher::new(&Key32::from_bytes([9u8; 32]));
+        let mut b = NonceBatch::new(1);
+        let mut out = vec![0u8; 1 + OVERHEAD];
+        c.seal_into_batch(&mut b, b"", b"x", &mut out);
+        c.seal_into_batch(&mut b, b"", b"x", &mut out);
     }
 
     #[test]

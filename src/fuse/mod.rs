@@ -12,9 +12,9 @@ use crate::volume::content::{self, ContentError};
 use crate::volume::{FileCipher, Volume};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::{error, warn};
 use nodes::{Node, NodeTable, kind_of, kind_of_dtype};
@@ -47,7 +47,18 @@ struct OpenFile {
 
 /// An open directory: a snapshot of its decrypted entries.
 struct OpenDir {
-    entries: Vec<(Vec<u8>, u64, FileType)>,
+    entries: Vec<DirEntry>,
+}
+
+/// One entry of a directory snapshot.
+struct DirEntry {
+    /// Plaintext name.
+    name: Vec<u8>,
+    /// Inode number (backing inode; 1 for the root).
+    ino: u64,
+    kind: FileType,
+    /// The backing entry name; empty for "." and "..".
+    backing: Vec<u8>,
 }
 
 /// Purges what the frontend and the kernel cached once keys are revoked.
@@ -81,6 +92,7 @@ pub struct KekFs {
     root_backing_ino: u64,
     root_dev: u64,
     read_only: bool,
+    writeback: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -90,6 +102,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl KekFs {
     /// Serve the volume whose backing root is `backing`.
     pub fn new(gate: Arc<Gate>, backing: &Path, read_only: bool) -> io::Result<KekFs> {
+        Self::with_cache(gate, backing, read_only, true)
+    }
+
+    /// Like `new`, choosing whether the kernel may cache writes (write-back) or must
+    /// send each write to kekfs as it happens (write-through).
+    pub fn with_cache(
+        gate: Arc<Gate>,
+        backing: &Path,
+        read_only: bool,
+        writeback: bool,
+    ) -> io::Result<KekFs> {
         let root = sys::openat(
             libc::AT_FDCWD,
             &sys::cstr(backing.as_os_str().as_bytes())?,
@@ -108,6 +131,7 @@ impl KekFs {
             root_backing_ino: st.st_ino,
             root_dev: st.st_dev,
             read_only,
+            writeback,
         })
     }
 
@@ -276,7 +300,15 @@ impl KekFs {
         } else {
             req.gid()
         };
-        sys::chown_fd(fd, Some(req.uid()), Some(gid)).map_err(|e| errno(&e))
+        let before = sys::fstat(fd).map_err(|e| errno(&e))?;
+        sys::chown_fd(fd, Some(req.uid()), Some(gid)).map_err(|e| errno(&e))?;
+        // chown(2) clears the set-user/group-id bits; a new entry keeps the mode it was
+        // created with (the caller owns it now, as if it had created it itself).
+        let special = before.st_mode & (libc::S_ISUID | libc::S_ISGID);
+        if special != 0 && before.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            sys::chmod_fd(fd, before.st_mode & 0o7777).map_err(|e| errno(&e))?;
+        }
+        Ok(())
     }
 
     fn content_err(&self, node: &Node, e: ContentError) -> Errno {
@@ -389,7 +421,7 @@ impl KekFs {
         Ok((node, attr))
     }
 
-    fn read_dir_entries(&self, dir: &Node) -> Res<Vec<(Vec<u8>, u64, FileType)>> {
+    fn read_dir_entries(&self, dir: &Node) -> Res<Vec<DirEntry>> {
         let vol = self.vol()?;
         let id = self.dir_id(dir)?;
         let list = sys::list_dir(dir.raw()).map_err(|e| errno(&e))?;
@@ -446,7 +478,12 @@ impl KekFs {
                     }
                 }
             };
-            out.push((name, ino, kind));
+            out.push(DirEntry {
+                name,
+                ino,
+                kind,
+                backing: bname,
+            });
         }
         Ok(out)
     }
@@ -557,6 +594,21 @@ impl fuser::Filesystem for KekFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // Kernel-side write-back caching: writes land in the page cache and reach kekfs
+        // in large batches (on writeback, close or fsync). Safe with revocation: the
+        // purge after a revocation (inval_inode) drops cached pages, and dirty pages then
+        // fail to write back with the key errno instead of being written in clear.
+        if self.writeback {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        // Listings carry attributes (no LOOKUP per entry for `ls -l`, `find`, `du`); the
+        // kernel picks plain readdir when that is cheaper. Directory operations in
+        // different directories run in parallel.
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         Ok(())
     }
 
@@ -1007,10 +1059,13 @@ impl fuser::Filesystem for KekFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| {
             let node = self.node(ino)?;
-            let mut entries = vec![
-                (b".".to_vec(), ino.0, FileType::Directory),
-                (b"..".to_vec(), ino.0, FileType::Directory),
-            ];
+            let dot = |n: &[u8]| DirEntry {
+                name: n.to_vec(),
+                ino: ino.0,
+                kind: FileType::Directory,
+                backing: Vec::new(),
+            };
+            let mut entries = vec![dot(b"."), dot(b"..")];
             entries.extend(self.read_dir_entries(&node)?);
             let fh = self.new_fh();
             lock(&self.dirs).insert(fh, Arc::new(OpenDir { entries }));
@@ -1034,13 +1089,71 @@ impl fuser::Filesystem for KekFs {
             reply.error(Errno::EBADF);
             return;
         };
-        for (i, (name, ino, kind)) in d.entries.iter().enumerate().skip(offset as usize) {
+        // A snapshot taken before a revocation holds plaintext names: serve none after.
+        if let Err(e) = self.vol() {
+            reply.error(e);
+            return;
+        }
+        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
             if reply.add(
-                INodeNo(*ino),
+                INodeNo(e.ino),
                 (i + 1) as u64,
-                *kind,
-                OsStr::from_bytes(name),
+                e.kind,
+                OsStr::from_bytes(&e.name),
             ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(d) = lock(&self.dirs).get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let dir = match self.vol().and_then(|_| self.node(ino)) {
+            Ok(n) => n,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+            // Entries other than "." and ".." are looked up (the kernel counts a
+            // reference for each one it receives), saving a LOOKUP round trip each.
+            let (attr, counted) = if e.backing.is_empty() {
+                match self.stat_node(&dir) {
+                    Ok(a) => (a, false),
+                    Err(_) => continue,
+                }
+            } else {
+                let found = std::str::from_utf8(&e.backing)
+                    .ok()
+                    .and_then(|b| self.lookup_entry(&dir, b).ok());
+                match found {
+                    Some((_, a)) => (a, true),
+                    None => continue, // removed since the snapshot
+                }
+            };
+            if reply.add(
+                attr.ino,
+                (i + 1) as u64,
+                OsStr::from_bytes(&e.name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                if counted {
+                    lock(&self.nodes).forget(attr.ino.0, 1);
+                }
                 break;
             }
         }

@@ -116,6 +116,9 @@ pub enum KekError {
     Unsupported(String),
     /// The PKCS#11 module (library) cannot be found, loaded or initialised.
     ModuleLoad(String),
+    /// The audit log could not be written and the policy is fail-closed: the operation was
+    /// refused (its result, if any, discarded).
+    AuditFailed(String),
 }
 
 impl fmt::Display for KekError {
@@ -136,6 +139,7 @@ impl fmt::Display for KekError {
             KekError::PinLocked(m) => write!(f, "token PIN locked: {m}"),
             KekError::Unsupported(m) => write!(f, "not supported by the token: {m}"),
             KekError::ModuleLoad(m) => write!(f, "PKCS#11 module not usable: {m}"),
+            KekError::AuditFailed(m) => write!(f, "audit log not writable: {m}"),
         }
     }
 }

@@ -37,6 +37,19 @@
 //! PIN once and keeps the PIN (zeroized on drop) to log in again after a token error: a
 //! failed operation that looks like a lost session is retried once on a fresh session.
 //! Objects are searched again for every operation, because handles die at logout.
+//!
+//! **Outages.** When no session can be had because the link to the token is down (the
+//! `p11-kit server` behind `p11-kit-client.so` stopped: CKR_DEVICE_ERROR on every call of
+//! a broken connection, no slot at all once initialised without a server; a removed
+//! token), the library is finalised and initialised again and the connection retried, at
+//! most once per operation: that is how a mounted volume comes back when the server does.
+//! Such failures are [`KekError::Unreachable`] or [`KekError::TokenAbsent`], which the
+//! lifecycle monitor treats as transient (grace period), never as a refusal. Sessions of
+//! an earlier library generation (or of the parent, after a fork) are forgotten, never
+//! closed: their handles are void, or now name another session.
+//!
+//! **Lifecycle from the CLI:** `kekfs key create|rotate --kek` ([`create_key`]) and
+//! `kekfs key disable|enable --kek` ([`set_key_usable`]: CKA_UNWRAP and CKA_WRAP).
 
 use super::passphrase::{Passphrase, PassphraseSource};
 use super::pkcs11_uri::{ObjectType, PinSource, Pkcs11Uri};
@@ -54,7 +67,8 @@ use cryptoki::types::{Date, RawAuthPin};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Environment variable forcing the wrapping mechanism: `aes-key-wrap-pad`,
@@ -230,45 +244,132 @@ pub fn resolve_module(u: &Pkcs11Uri) -> Result<PathBuf, KekError> {
 struct Loaded {
     ctx: Pkcs11,
     pid: u32,
+    /// Changes every time kekfs (re)initialises the library; sessions opened under another
+    /// generation are void.
+    generation: u64,
+    /// kekfs's C_Initialize succeeded (rather than finding the library initialised by
+    /// someone else in the process), so kekfs may finalise it to start over.
+    owned: bool,
+    /// Token calls hold it shared; re-initialising the library holds it exclusively, so no
+    /// call of another provider is in flight while C_Finalize runs.
+    calls: Arc<RwLock<()>>,
 }
 
 static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Loaded>>> = OnceLock::new();
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// An initialised library, as [`context`] hands it out.
+#[derive(Clone, Debug)]
+struct Module {
+    ctx: Pkcs11,
+    generation: u64,
+    calls: Arc<RwLock<()>>,
+}
+
+fn contexts() -> MutexGuard<'static, HashMap<PathBuf, Loaded>> {
+    // Only complete entries are ever inserted, so a poisoned map is still consistent.
+    CONTEXTS
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// C_Initialize `ctx`: `Ok(true)` if this call initialised it, `Ok(false)` if it already
+/// was (by someone else in this process, or state inherited over a fork by a library that
+/// survives it: usable either way).
+fn initialize(module: &Path, ctx: &Pkcs11) -> Result<bool, KekError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => Ok(true),
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(false),
+        Err(e) => Err(KekError::ModuleLoad(format!(
+            "PKCS#11 module {} failed to initialise: {}; check the module's own \
+             configuration (for SoftHSM2: $SOFTHSM2_CONF and the tokendir it names; for \
+             the p11-kit client: $P11_KIT_SERVER_ADDRESS)",
+            module.display(),
+            ck_text(&e)
+        ))),
+    }
+}
 
 /// The initialised library for `module`: loaded and C_Initialize'd once per process. After
 /// a fork the child initialises again (PKCS#11 state does not survive fork; SoftHSM2
 /// resets itself in the child).
-fn context(module: &Path) -> Result<Pkcs11, KekError> {
-    let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
-    // Only complete entries are ever inserted, so a poisoned map is still consistent.
-    let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+fn context(module: &Path) -> Result<Module, KekError> {
+    let mut map = contexts();
     let pid = std::process::id();
     if let Some(l) = map.get(module)
         && l.pid == pid
     {
-        return Ok(l.ctx.clone());
+        return Ok(Module {
+            ctx: l.ctx.clone(),
+            generation: l.generation,
+            calls: l.calls.clone(),
+        });
     }
     let ctx = Pkcs11::new(module).map_err(|e| module_error(module, &e))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        // Already initialised: by someone else in this process, or state inherited over a
-        // fork by a library that survives it. Either way it is usable.
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+    let owned = initialize(module, &ctx)?;
+    let loaded = Loaded {
+        ctx: ctx.clone(),
+        pid,
+        generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+        owned,
+        calls: Arc::new(RwLock::new(())),
+    };
+    let m = Module {
+        ctx,
+        generation: loaded.generation,
+        calls: loaded.calls.clone(),
+    };
+    map.insert(module.to_path_buf(), loaded);
+    Ok(m)
+}
+
+/// Start the library over (C_Finalize, C_Initialize) if it is still at `generation`: the
+/// way back after its connection to the token broke. A remoting module such as
+/// p11-kit-client.so reaches its server only in C_Initialize: once the server went away,
+/// every call fails (CKR_DEVICE_ERROR) or sees no token until the library is initialised
+/// again. Every session of the old generation is void afterwards. Returns whether it did.
+/// A library kekfs did not initialise itself is left alone.
+fn reinitialize(module: &Path, generation: u64) -> bool {
+    let (ctx, calls) = {
+        let map = contexts();
+        match map.get(module) {
+            Some(l) if l.pid == std::process::id() && l.generation == generation && l.owned => {
+                (l.ctx.clone(), l.calls.clone())
+            }
+            _ => return false,
+        }
+    };
+    // No other provider's call is in flight while the library starts over.
+    let _exclusive = calls.write().unwrap_or_else(PoisonError::into_inner);
+    let mut map = contexts();
+    let Some(l) = map.get_mut(module) else {
+        return false;
+    };
+    if l.generation != generation {
+        // Someone else started it over meanwhile.
+        return true;
+    }
+    if let Err(e) = ctx.clone().finalize() {
+        log::debug!("C_Finalize of {}: {}", module.display(), ck_text(&e));
+    }
+    l.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+    match initialize(module, &ctx) {
+        Ok(owned) => {
+            l.owned = owned;
+            log::debug!(
+                "PKCS#11 module {} initialised again after a token error",
+                module.display()
+            );
+            true
+        }
         Err(e) => {
-            return Err(KekError::ModuleLoad(format!(
-                "PKCS#11 module {} failed to initialise: {}; check the module's own \
-                 configuration (for SoftHSM2: $SOFTHSM2_CONF and the tokendir it names)",
-                module.display(),
-                ck_text(&e)
-            )));
+            // Not initialised now: the next call loads and initialises it from scratch.
+            log::warn!("{e}");
+            map.remove(module);
+            true
         }
     }
-    map.insert(
-        module.to_path_buf(),
-        Loaded {
-            ctx: ctx.clone(),
-            pid,
-        },
-    );
-    Ok(ctx)
 }
 
 fn module_error(module: &Path, e: &CkError) -> KekError {
@@ -326,6 +427,41 @@ fn is_session_error(e: &CkError) -> bool {
                 | RvError::DeviceError
         )
     )
+}
+
+/// Errors after which the session handle is void (the link to the token broke, the token
+/// went away, or the library lost its state): such a session is let go of without
+/// C_CloseSession.
+fn is_link_error(e: &CkError) -> bool {
+    matches!(
+        rv_of(e),
+        Some(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::CryptokiNotInitialized
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::DeviceError
+        )
+    )
+}
+
+/// Let go of a session: close it (`close`), or forget it without C_CloseSession when its
+/// handle is void (see [`is_link_error`]) or belongs to an earlier library generation.
+fn release(conn: Conn, close: bool) {
+    if close {
+        drop(conn);
+    } else {
+        std::mem::forget(conn.session);
+    }
+}
+
+/// The generation of `module`'s library in this process, if it is initialised.
+fn current_generation(module: &Path) -> Option<u64> {
+    contexts()
+        .get(module)
+        .filter(|l| l.pid == std::process::id())
+        .map(|l| l.generation)
 }
 
 /// Errors meaning "this token cannot do this mechanism (with this key)": try the next.
@@ -423,6 +559,12 @@ fn map_error(e: &CkError, what: &str, refused_key: &str) -> KekError {
         )),
         R::TokenWriteProtected => {
             KekError::Unsupported(format!("{what}: {text}: the token is write-protected"))
+        }
+        R::AttributeReadOnly | R::ActionProhibited | R::SessionReadOnly => {
+            KekError::ChangeRefused(format!(
+                "{what}: {text}: the token does not let this key be changed (CKA_MODIFIABLE \
+                 false, or the token's policy); use the token's own tools"
+            ))
         }
         _ => KekError::Unreachable(format!("{what}: {text}")),
     }
@@ -750,6 +892,8 @@ impl<T> CkContext<T> for Result<T, CkError> {
 /// An open session on the token the URI selects.
 struct Conn {
     pid: u32,
+    /// The library generation the session was opened under (see [`reinitialize`]).
+    generation: u64,
     session: Session,
     ctx: Pkcs11,
     slot: Slot,
@@ -794,6 +938,8 @@ impl fmt::Debug for Pkcs11Provider {
 pub struct CreatedKey {
     /// The new version number (= its CKA_ID).
     pub version: u32,
+    /// `AES-256` or `RSA-3072`.
+    pub kind: String,
     /// The token it lives on.
     pub token: String,
     /// The KEK URI without `id` (follows the newest version).
@@ -881,9 +1027,29 @@ impl Pkcs11Provider {
         }
     }
 
+    /// Is the module p11-kit's RPC client (the token lives in a `p11-kit server` process)?
+    fn is_remote(&self) -> bool {
+        self.module
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("p11-kit-client"))
+    }
+
     fn softhsm_hint(&self) -> String {
         let m = self.module.to_string_lossy();
-        if m.contains("softhsm") || m.contains("p11-kit") {
+        if self.is_remote() {
+            // The client module reaches a `p11-kit server` in another process.
+            let addr = match std::env::var_os("P11_KIT_SERVER_ADDRESS") {
+                Some(a) => format!("$P11_KIT_SERVER_ADDRESS is {}", a.to_string_lossy()),
+                None => "$P11_KIT_SERVER_ADDRESS is not set, so it tries \
+                         $XDG_RUNTIME_DIR/p11-kit/pkcs11"
+                    .into(),
+            };
+            format!(
+                "; the p11-kit client module shows the tokens of a `p11-kit server` ({addr}): \
+                 check that the server runs and exports this token, and that this process may \
+                 connect to its socket"
+            )
+        } else if m.contains("softhsm") || m.contains("p11-kit") {
             match std::env::var_os("SOFTHSM2_CONF") {
                 Some(c) => format!(
                     "; SoftHSM2 reads its tokens from the tokendir in $SOFTHSM2_CONF ({})",
@@ -901,7 +1067,9 @@ impl Pkcs11Provider {
 
     /// Find the one token the URI selects, and open a session on it.
     fn connect(&self) -> Result<Conn, KekError> {
-        let ctx = context(&self.module)?;
+        let Module {
+            ctx, generation, ..
+        } = context(&self.module)?;
         let module = self.module.display();
         let whole = |e: CkError, what: &str| {
             map_error(&e, &format!("{what} (module {module})"), &self.label)
@@ -990,6 +1158,13 @@ impl Pkcs11Provider {
                     .join("; ")
             )));
         }
+        if seen.is_empty() && self.is_remote() {
+            // The p11-kit client shows no slot at all when it cannot reach its server.
+            return Err(KekError::Unreachable(format!(
+                "no token at all in PKCS#11 module {module}{}",
+                self.softhsm_hint()
+            )));
+        }
         let Some((slot, ti, desc)) = matching.pop() else {
             return Err(KekError::TokenAbsent(format!(
                 "no token matching {} in PKCS#11 module {module}; tokens present: {listed}{}",
@@ -1007,6 +1182,7 @@ impl Pkcs11Provider {
         let mechanisms = ctx.get_mechanism_list(slot).unwrap_or_default();
         Ok(Conn {
             pid: std::process::id(),
+            generation,
             session,
             ctx,
             slot,
@@ -1021,12 +1197,14 @@ impl Pkcs11Provider {
     /// An open (and, if `login`, logged-in) session.
     fn ensure<'a>(&self, st: &'a mut State, login: bool) -> Result<&'a Conn, KekError> {
         let State { conn, pin } = st;
-        if conn.as_ref().is_some_and(|c| c.pid != std::process::id())
-            && let Some(old) = conn.take()
+        if conn.as_ref().is_some_and(|c| {
+            c.pid != std::process::id() || current_generation(&self.module) != Some(c.generation)
+        }) && let Some(old) = conn.take()
         {
-            // Opened before a fork: the handle belongs to the parent's library state.
-            // Closing it here would act on that void state; just let go of it.
-            std::mem::forget(old.session);
+            // Opened before a fork (the handle belongs to the parent's library state) or
+            // before the library was initialised again: closing it would act on a void
+            // handle, or on another session that now has the same number. Let go of it.
+            release(old, false);
         }
         // A kept session may have died (token error, C_CloseAllSessions) or been logged
         // out by someone else in this process (private objects would then silently
@@ -1045,7 +1223,9 @@ impl Pkcs11Provider {
                         c.token,
                         ck_text(&e)
                     );
-                    *conn = None;
+                    if let Some(old) = conn.take() {
+                        release(old, !is_link_error(&e));
+                    }
                 }
             }
         }
@@ -1126,19 +1306,41 @@ impl Pkcs11Provider {
     }
 
     /// Run `f` on a logged-in session; a failure that looks like a lost session drops the
-    /// session and retries once on a new one.
+    /// session and retries once on a new one. If no session can be had because the link
+    /// to the token is down (a remoting module whose server went away, a token removed),
+    /// the library is initialised again and the connection retried once: that is how a
+    /// provider comes back when the server or token does, without restarting the process.
     fn with_session<R>(&self, mut f: impl FnMut(&Conn) -> Result<R, Fail>) -> Result<R, KekError> {
         let mut st = self.lock();
         let mut retried = false;
+        let mut restarted = false;
         loop {
-            let conn = self.ensure(&mut st, true)?;
+            let module = context(&self.module)?;
+            let calls = module.calls.read().unwrap_or_else(PoisonError::into_inner);
+            let conn = match self.ensure(&mut st, true) {
+                Ok(c) => c,
+                Err(e @ (KekError::Unreachable(_) | KekError::TokenAbsent(_))) if !restarted => {
+                    restarted = true;
+                    drop(calls);
+                    if let Some(old) = st.conn.take() {
+                        release(old, false);
+                    }
+                    if reinitialize(&self.module, module.generation) {
+                        log::debug!("{e}; trying again after initialising the module again");
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             match f(conn) {
                 Ok(r) => return Ok(r),
                 Err(Fail::Kek(e)) => return Err(e),
                 Err(Fail::Ck(e, what)) => {
                     if is_session_error(&e) {
-                        // Closing a dead session may fail; cryptoki logs that and moves on.
-                        st.conn = None;
+                        if let Some(old) = st.conn.take() {
+                            release(old, !is_link_error(&e));
+                        }
                         if !retried {
                             retried = true;
                             log::debug!("{what}: {}; reopening the session", ck_text(&e));
@@ -1706,11 +1908,71 @@ impl Pkcs11Provider {
         aek.ok_or_else(|| tampered(format!("{got} bytes came out, expected 32")))
     }
 
-    /// Create a new key version on the token: an AES-256 secret key, non-extractable and
-    /// sensitive, labelled `object`, with CKA_ID = the version. `rotate` false: the label
-    /// must have no versions yet (version 1, or the URI's `id`); true: the next version.
+    /// Which kind of key a new version is: what the URI's `type` or a forced mechanism asks
+    /// for; else, when rotating, the kind of the newest version; else AES-256 if the token
+    /// wraps with AES, RSA if it can only do RSA-OAEP (p11-kit 0.24 remoting passes no AES
+    /// wrapping mechanism through).
+    fn new_key_kind(&self, c: &Conn, found: &Found, rotate: bool) -> Result<NewKind, KekError> {
+        let aes = || Mech::AES.iter().any(|&m| Self::has_mechanism(c, m));
+        let rsa = || {
+            Self::has_mechanism(c, Mech::OaepSha1)
+                && (c.mechanisms.is_empty()
+                    || c.mechanisms.contains(&MechanismType::RSA_PKCS_KEY_PAIR_GEN))
+        };
+        let wanted = match (self.uri.object_type, forced_mechanism()?) {
+            (Some(ObjectType::Private | ObjectType::Public), _) => Some(NewKind::Rsa),
+            (Some(ObjectType::SecretKey), _) => Some(NewKind::Aes),
+            (_, Some(m)) if m.is_aes() => Some(NewKind::Aes),
+            (_, Some(_)) => Some(NewKind::Rsa),
+            _ if rotate => found.versions.values().next_back().map(|v| {
+                if v.secret.is_empty() {
+                    NewKind::Rsa
+                } else {
+                    NewKind::Aes
+                }
+            }),
+            _ => None,
+        };
+        let kind = match wanted {
+            Some(k) => k,
+            None if aes() => NewKind::Aes,
+            None if rsa() => NewKind::Rsa,
+            None => NewKind::Aes,
+        };
+        let ok = match kind {
+            NewKind::Aes => aes(),
+            NewKind::Rsa => rsa(),
+        };
+        if !ok {
+            return Err(KekError::Unsupported(match kind {
+                NewKind::Aes => format!(
+                    "{} offers no AES wrapping mechanism (CKM_AES_KEY_WRAP_PAD, \
+                     CKM_AES_KEY_WRAP, CKM_AES_GCM){}",
+                    c.token,
+                    if rsa() {
+                        "; it can wrap with RSA-OAEP: add type=private to the URI for an \
+                         RSA key"
+                    } else {
+                        ""
+                    }
+                ),
+                NewKind::Rsa => format!(
+                    "{} cannot generate RSA key pairs for RSA-OAEP \
+                     (CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_RSA_PKCS_OAEP)",
+                    c.token
+                ),
+            }));
+        }
+        Ok(kind)
+    }
+
+    /// Create a new key version on the token, labelled `object`, with CKA_ID = the version:
+    /// an AES-256 secret key, or an RSA-3072 key pair where the token (or the remoting in
+    /// between) cannot wrap with AES (see [`Self::new_key_kind`]). The secret and the
+    /// private key are sensitive and never extractable. `rotate` false: the label must have
+    /// no versions yet (version 1, or the URI's `id`); true: the next version.
     pub fn generate_version(&self, rotate: bool) -> Result<CreatedKey, KekError> {
-        let version = self.with_session(|c| {
+        let (version, kind) = self.with_session(|c| {
             let found = self.find(c)?;
             let existing = found.summary();
             let v = if let Some(v) = self.pinned {
@@ -1741,53 +2003,274 @@ impl Pkcs11Provider {
                     ))
                 })?
             };
-            if !Self::has_mechanism(c, Mech::AesKwp)
-                && !Self::has_mechanism(c, Mech::AesKw)
-                && !Self::has_mechanism(c, Mech::AesGcm)
-            {
-                return Err(KekError::Unsupported(format!(
-                    "{} offers no AES wrapping mechanism (CKM_AES_KEY_WRAP_PAD, \
-                     CKM_AES_KEY_WRAP, CKM_AES_GCM)",
+            let kind = self.new_key_kind(c, &found, rotate)?;
+            let label = Attribute::Label(self.label.as_bytes().to_vec());
+            let id = Attribute::Id(version_to_id(v));
+            let what = || {
+                format!(
+                    "generating {} key {:?} version {v} on {}",
+                    kind.name(),
+                    self.label,
                     c.token
-                ))
-                .into());
+                )
+            };
+            match kind {
+                NewKind::Aes => {
+                    let template = [
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32u64.into()),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Modifiable(true),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                        Attribute::Sign(false),
+                        Attribute::Verify(false),
+                        Attribute::Derive(false),
+                        label,
+                        id,
+                    ];
+                    c.session
+                        .generate_key(&Mechanism::AesKeyGen, &template)
+                        .during(what)?;
+                }
+                NewKind::Rsa => {
+                    // Only C_WrapKey / C_UnwrapKey with RSA-OAEP: no encrypt, decrypt, sign.
+                    let public = [
+                        Attribute::Token(true),
+                        Attribute::Private(false),
+                        Attribute::Modifiable(true),
+                        Attribute::ModulusBits(MIN_RSA_BITS.into()),
+                        Attribute::PublicExponent(vec![1, 0, 1]),
+                        Attribute::Wrap(true),
+                        Attribute::Encrypt(false),
+                        Attribute::Verify(false),
+                        label.clone(),
+                        id.clone(),
+                    ];
+                    let private = [
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Modifiable(true),
+                        Attribute::Unwrap(true),
+                        Attribute::Decrypt(false),
+                        Attribute::Sign(false),
+                        Attribute::Derive(false),
+                        label,
+                        id,
+                    ];
+                    c.session
+                        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+                        .during(what)?;
+                }
             }
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32u64.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Modifiable(true),
-                Attribute::Wrap(true),
-                Attribute::Unwrap(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Derive(false),
-                Attribute::Label(self.label.as_bytes().to_vec()),
-                Attribute::Id(version_to_id(v)),
-            ];
-            c.session
-                .generate_key(&Mechanism::AesKeyGen, &template)
-                .during(|| {
-                    format!(
-                        "generating AES-256 key {:?} version {v} on {}",
-                        self.label, c.token
-                    )
-                })?;
-            Ok(v)
+            Ok((v, kind))
         })?;
         let token = self.describe_token(&self.lock());
         let mut follow = self.uri.clone();
         follow.id = None;
         Ok(CreatedKey {
             version,
+            kind: kind.name().into(),
             token,
             uri: follow.to_string(),
+        })
+    }
+
+    /// Disable (`usable` false) or enable (true) key versions on the token: CKA_UNWRAP and
+    /// CKA_WRAP of every version of the label, or of `version` only (C_SetAttributeValue;
+    /// the secret key gets both, an RSA private key CKA_UNWRAP, its public key CKA_WRAP).
+    /// Every process using the key sees the change at its next operation: kekfs refuses a
+    /// version whose CKA_UNWRAP is false as disabled, and the token refuses C_WrapKey and
+    /// C_UnwrapKey with it.
+    pub fn set_usable(
+        &self,
+        version: Option<u32>,
+        usable: bool,
+    ) -> Result<Vec<UsageChange>, KekError> {
+        self.with_session(|c| {
+            let found = self.find(c)?;
+            let targets: Vec<u32> = match version {
+                Some(v) if found.versions.contains_key(&v) => vec![v],
+                Some(v) => return Err(self.not_found(c, &found, Some(v)).into()),
+                None if found.versions.is_empty() => {
+                    return Err(self.not_found(c, &found, None).into());
+                }
+                None => found.versions.keys().copied().collect(),
+            };
+            let mut out = Vec::new();
+            for v in targets {
+                let Some(ver) = found.versions.get(&v) else {
+                    continue;
+                };
+                let desc = self.key_desc(c, v);
+                let mut changed = false;
+                // The unwrapping side first: that is the one that stops mounted volumes.
+                let objects = ver
+                    .secret
+                    .iter()
+                    .map(|o| (o, &[AttributeType::Unwrap, AttributeType::Wrap][..]))
+                    .chain(
+                        ver.private
+                            .iter()
+                            .map(|o| (o, &[AttributeType::Unwrap][..])),
+                    )
+                    .chain(ver.public.iter().map(|o| (o, &[AttributeType::Wrap][..])));
+                for (o, types) in objects {
+                    let now = c
+                        .session
+                        .get_attributes(o.handle, types)
+                        .during(|| format!("reading CKA_UNWRAP/CKA_WRAP of {desc}"))?;
+                    let set: Vec<Attribute> = now
+                        .iter()
+                        .filter_map(|a| match a {
+                            Attribute::Unwrap(b) if *b != usable => Some(Attribute::Unwrap(usable)),
+                            Attribute::Wrap(b) if *b != usable => Some(Attribute::Wrap(usable)),
+                            _ => None,
+                        })
+                        .collect();
+                    // An attribute the token did not return is set too (fail closed).
+                    let missing = types.len() != now.len();
+                    let set = if missing {
+                        types
+                            .iter()
+                            .map(|t| match t {
+                                AttributeType::Unwrap => Attribute::Unwrap(usable),
+                                _ => Attribute::Wrap(usable),
+                            })
+                            .collect()
+                    } else {
+                        set
+                    };
+                    if set.is_empty() {
+                        continue;
+                    }
+                    c.session.update_attributes(o.handle, &set).during(|| {
+                        format!(
+                            "setting {} on {desc}",
+                            set.iter()
+                                .map(|a| match a {
+                                    Attribute::Unwrap(b) => format!("CKA_UNWRAP={b}"),
+                                    Attribute::Wrap(b) => format!("CKA_WRAP={b}"),
+                                    _ => String::new(),
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?;
+                    changed = true;
+                }
+                out.push(UsageChange {
+                    version: v,
+                    changed,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The token the provider is connected to (or the URI's token filter), for messages.
+    pub fn token_description(&self) -> String {
+        self.describe_token(&self.lock())
+    }
+}
+
+/// The kind of key a new version gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NewKind {
+    /// An AES-256 secret key.
+    Aes,
+    /// An RSA key pair of [`MIN_RSA_BITS`] bits.
+    Rsa,
+}
+
+impl NewKind {
+    fn name(self) -> &'static str {
+        match self {
+            NewKind::Aes => "AES-256",
+            NewKind::Rsa => "RSA-3072",
+        }
+    }
+}
+
+/// What `kekfs key disable/enable --kek pkcs11:…` did to one key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageChange {
+    /// The version (= CKA_ID).
+    pub version: u32,
+    /// False if it already was in the requested state.
+    pub changed: bool,
+}
+
+/// The protection attributes of one key object that unwraps for a version, as the token
+/// reports them (`None`: the token did not return the attribute). For `kekfs verify`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyProtection {
+    /// The key version (CKA_ID).
+    pub version: u32,
+    /// `secret-key` (AES) or `private-key` (RSA).
+    pub class: &'static str,
+    /// CKA_SENSITIVE.
+    pub sensitive: Option<bool>,
+    /// CKA_EXTRACTABLE.
+    pub extractable: Option<bool>,
+    /// CKA_ALWAYS_SENSITIVE.
+    pub always_sensitive: Option<bool>,
+    /// CKA_NEVER_EXTRACTABLE.
+    pub never_extractable: Option<bool>,
+}
+
+impl Pkcs11Provider {
+    /// Read back CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_ALWAYS_SENSITIVE and
+    /// CKA_NEVER_EXTRACTABLE of the objects that unwrap for `version` (the AES secret key,
+    /// or the RSA private key), each attribute on its own so one refusal hides no other.
+    pub fn key_protection(&self, version: u32) -> Result<Vec<KeyProtection>, KekError> {
+        self.with_session(|c| {
+            let found = self.find(c)?;
+            let Some(ver) = found.versions.get(&version) else {
+                return Err(self.not_found(c, &found, Some(version)).into());
+            };
+            let objects = ver
+                .secret
+                .iter()
+                .map(|o| (o, "secret-key"))
+                .chain(ver.private.iter().map(|o| (o, "private-key")));
+            let mut out = Vec::new();
+            for (o, class) in objects {
+                let mut p = KeyProtection {
+                    version,
+                    class,
+                    sensitive: None,
+                    extractable: None,
+                    always_sensitive: None,
+                    never_extractable: None,
+                };
+                for t in [
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                ] {
+                    for a in c.session.get_attributes(o.handle, &[t]).unwrap_or_default() {
+                        match a {
+                            Attribute::Sensitive(b) => p.sensitive = Some(b),
+                            Attribute::Extractable(b) => p.extractable = Some(b),
+                            Attribute::AlwaysSensitive(b) => p.always_sensitive = Some(b),
+                            Attribute::NeverExtractable(b) => p.never_extractable = Some(b),
+                            _ => {}
+                        }
+                    }
+                }
+                out.push(p);
+            }
+            Ok(out)
         })
     }
 }
@@ -1835,6 +2318,19 @@ pub fn create_key(
     rotate: bool,
 ) -> Result<CreatedKey, KekError> {
     Pkcs11Provider::open(uri, opts)?.generate_version(rotate)
+}
+
+/// `kekfs key disable|enable --kek pkcs11:…`: set CKA_UNWRAP and CKA_WRAP of every version
+/// of the URI's label, or of `version` only, to `usable`. Returns the token and what changed.
+pub fn set_key_usable(
+    uri: &Pkcs11Uri,
+    opts: &ProviderOptions,
+    version: Option<u32>,
+    usable: bool,
+) -> Result<(String, Vec<UsageChange>), KekError> {
+    let p = Pkcs11Provider::open(uri, opts)?;
+    let changes = p.set_usable(version, usable)?;
+    Ok((p.token_description(), changes))
 }
 
 #[cfg(test)]
@@ -1946,6 +2442,23 @@ mod tests {
         assert!(!is_session_error(&ck(RvError::PinIncorrect)));
         assert!(is_mechanism_error(&ck(RvError::ArgumentsBad)));
         assert!(!is_mechanism_error(&ck(RvError::DeviceError)));
+        // A token that will not let the key change: a refused change, not an outage.
+        assert!(matches!(
+            m(RvError::AttributeReadOnly),
+            KekError::ChangeRefused(_)
+        ));
+        assert!(matches!(
+            m(RvError::ActionProhibited),
+            KekError::ChangeRefused(_)
+        ));
+        // A broken link to the token (p11-kit server gone): transient, never a refusal,
+        // and the session handle is void (forgotten, not closed).
+        assert!(matches!(m(RvError::DeviceError), KekError::Unreachable(_)));
+        assert!(is_session_error(&ck(RvError::DeviceError)));
+        assert!(is_link_error(&ck(RvError::DeviceError)));
+        assert!(is_link_error(&ck(RvError::SessionHandleInvalid)));
+        assert!(!is_link_error(&ck(RvError::UserNotLoggedIn)));
+        assert!(!is_link_error(&ck(RvError::KeyFunctionNotPermitted)));
     }
 
     #[test]

@@ -94,6 +94,35 @@ pub enum State {
 type Hook = Box<dyn Fn() + Send + Sync>;
 /// Called after each poll with the gate and the time of the last successful poll.
 pub type PollHook = Box<dyn Fn(&Gate, Option<SystemTime>) + Send>;
+/// Called on the monitor thread for each [`Event`] (the audit log listens here).
+pub type EventHook = Box<dyn Fn(&Event<'_>) + Send>;
+
+/// What the monitor reports to an observer, in order, on its own thread.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A poll starts; its unwrap follows.
+    PollStart,
+    /// The poll's unwrap is done: `None` if the key is usable, else why not.
+    Polled(Option<&'a VolumeError>),
+    /// Keys dropped after an explicit refusal.
+    Revoked(Cause, &'a str),
+    /// A transient failure began: still serving from the cached key, for the grace period.
+    GraceEntered(&'a str),
+    /// The grace period ran out: keys dropped.
+    Unavailable(&'a str),
+    /// Serving again: keys loaded again (`true`) or a grace period ended (`false`).
+    Resumed(bool),
+    /// The AEK was rewrapped online from one KEK version to another (follow-latest).
+    Rewrapped { from: u32, to: u32 },
+    /// An online rewrap to `to` failed.
+    RewrapFailed {
+        from: u32,
+        to: u32,
+        error: &'a VolumeError,
+    },
+    /// The poll is over and its state published (observers may do slow work now).
+    PollEnd,
+}
 
 /// The gate every plaintext operation passes: the unlocked volume, or why there is none.
 pub struct Gate {
@@ -287,6 +316,8 @@ pub struct Monitor {
     grace_since: Option<(Instant, SystemTime)>,
     /// Called after each poll with the gate (to publish status).
     pub on_poll: Option<PollHook>,
+    /// Called for every [`Event`] (polls, state changes, rewraps).
+    pub on_event: Option<EventHook>,
     last_ok: Option<SystemTime>,
 }
 
@@ -305,13 +336,22 @@ impl Monitor {
             timing,
             grace_since: None,
             on_poll: None,
+            on_event: None,
             last_ok: Some(SystemTime::now()),
+        }
+    }
+
+    fn emit(&self, ev: Event<'_>) {
+        if let Some(f) = &self.on_event {
+            f(&ev);
         }
     }
 
     /// One poll: unwrap, then update the gate.
     pub fn poll_once(&mut self) -> PollOutcome {
+        self.emit(Event::PollStart);
         let opened = Volume::open(&self.backing, self.provider.as_ref());
+        self.emit(Event::Polled(opened.as_ref().err()));
         let outcome = match opened {
             Ok(vol) => {
                 self.grace_since = None;
@@ -325,6 +365,7 @@ impl Monitor {
                             "{}: KEK reachable again; grace ended",
                             self.backing.display()
                         );
+                        self.emit(Event::Resumed(false));
                     }
                     self.gate.activate(None);
                 } else {
@@ -333,6 +374,7 @@ impl Monitor {
                         self.backing.display()
                     );
                     self.gate.activate(Some(vol));
+                    self.emit(Event::Resumed(true));
                 }
                 if let Ok(v) = self.gate.volume() {
                     self.follow_latest(&v);
@@ -350,6 +392,7 @@ impl Monitor {
                             cause.errno()
                         );
                         self.gate.revoke(cause, e.to_string());
+                        self.emit(Event::Revoked(cause, &e.to_string()));
                     }
                     self.grace_since = None;
                     PollOutcome::Refused(cause)
@@ -369,6 +412,7 @@ impl Monitor {
         if let Some(f) = &self.on_poll {
             f(&self.gate, self.last_ok);
         }
+        self.emit(Event::PollEnd);
         outcome
     }
 
@@ -384,14 +428,27 @@ impl Monitor {
         if let Ok(Some(latest)) = self.provider.current_version()
             && latest > h.slots[0].key_version
         {
+            let from = h.slots[0].key_version;
             match vol.rewrap(&self.backing, self.provider.as_ref(), 0) {
-                Ok(nh) => info!(
-                    "{}: rewrapped online from KEK version {} to {}",
-                    self.backing.display(),
-                    h.slots[0].key_version,
-                    nh.slots[0].key_version
-                ),
-                Err(e) => warn!("{}: online rewrap failed: {e}", self.backing.display()),
+                Ok(nh) => {
+                    info!(
+                        "{}: rewrapped online from KEK version {from} to {}",
+                        self.backing.display(),
+                        nh.slots[0].key_version
+                    );
+                    self.emit(Event::Rewrapped {
+                        from,
+                        to: nh.slots[0].key_version,
+                    });
+                }
+                Err(e) => {
+                    warn!("{}: online rewrap failed: {e}", self.backing.display());
+                    self.emit(Event::RewrapFailed {
+                        from,
+                        to: latest,
+                        error: &e,
+                    });
+                }
             }
         }
     }
@@ -409,12 +466,16 @@ impl Monitor {
                 self.backing.display(),
                 self.timing.grace.as_secs()
             );
+            self.emit(Event::Unavailable(&msg));
             self.gate.make_unavailable(msg);
         } else {
             warn!(
                 "{}: poll failed (grace period, serving from cache): {msg}",
                 self.backing.display()
             );
+            if !matches!(self.gate.state(), State::Grace { .. }) {
+                self.emit(Event::GraceEntered(&msg));
+            }
             self.gate.enter_grace(since_t, msg);
         }
     }

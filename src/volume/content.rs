@@ -1,12 +1,13 @@
 //! Encrypted file content on a backing file: read, write and truncate plaintext ranges as
 //! sealed 4 KiB blocks. Callers serialise writers per file; readers may run concurrently.
 
-use crate::crypto::aead::{Cipher, OVERHEAD};
+use crate::crypto::aead::{Cipher, NonceBatch, OVERHEAD};
 use crate::format::file_header::{FILE_HEADER_LEN, FileHeader, block_aad};
 use crate::format::offsets::{
     BLOCK_SIZE, MAX_FILE_SIZE, block_ct_offset, block_plain_len, block_range, ciphertext_size,
     plaintext_size,
 };
+use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -68,8 +69,12 @@ impl FileCipher {
     }
 
     fn seal_block(&self, block: u64, plain: &[u8], out: &mut [u8]) {
+        self.seal_block_batch(&mut NonceBatch::new(1), block, plain, out);
+    }
+
+    fn seal_block_batch(&self, nonces: &mut NonceBatch, block: u64, plain: &[u8], out: &mut [u8]) {
         let aad = block_aad(&self.volume_id, &self.file_id, block);
-        self.cipher.seal_into(&aad, plain, out);
+        self.cipher.seal_into_batch(nonces, &aad, plain, out);
     }
 
     fn open_block(&self, block: u64, sealed: &[u8], out: &mut [u8]) -> Result<(), ContentError> {
@@ -127,6 +132,32 @@ fn read_full_at(file: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<us
     Ok(done)
 }
 
+/// Largest request served from the per-thread ciphertext buffer; bigger ones allocate.
+const BUF_MAX: usize = 4 << 20;
+
+thread_local! {
+    /// Per-thread ciphertext buffer, reused across requests (no allocation or zeroing on
+    /// the hot path). It only ever holds ciphertext.
+    static CT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on a ciphertext buffer of exactly `n` bytes (contents unspecified).
+fn with_ct_buf<R>(n: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if n > BUF_MAX {
+        return f(&mut vec![0u8; n]);
+    }
+    CT_BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut b) => {
+            if b.len() < n {
+                b.resize(n, 0);
+            }
+            f(&mut b[..n])
+        }
+        // Re-entered on this thread: use a private buffer.
+        Err(_) => f(&mut vec![0u8; n]),
+    })
+}
+
 /// Read blocks `first..=last` of a file of plaintext size `size` into `out` (which has room
 /// for every block's plaintext, `BLOCK_SIZE` each, the last possibly shorter).
 fn read_blocks(
@@ -168,16 +199,47 @@ pub fn read(file: &File, fc: &FileCipher, off: u64, len: u32) -> Result<Vec<u8>,
     if off >= size || len == 0 {
         return Ok(Vec::new());
     }
-    let len = (len as u64).min(size - off);
-    let Some((first, last)) = block_range(off, len) else {
+    let end = off + (len as u64).min(size - off);
+    let Some((first, last)) = block_range(off, end - off) else {
         return Ok(Vec::new());
     };
-    let plain = read_blocks(file, fc, size, first, last)?;
-    let skip = (off - first * BLOCK_SIZE) as usize;
-    Ok(plain[skip..skip + len as usize].to_vec())
+    let ct_start = block_ct_offset(first);
+    let ct_len = (block_ct_offset(last) + block_plain_len(last, size) as u64 + OVERHEAD as u64
+        - ct_start) as usize;
+    let mut out = vec![0u8; (end - off) as usize];
+    with_ct_buf(ct_len, |ct| {
+        let n = read_full_at(file, ct, ct_start)?;
+        if n < ct_len {
+            // Shrunk under us or truncated mid-block: that block cannot authenticate.
+            return Err(ContentError::BadBlock(
+                first + n as u64 / crate::format::offsets::CT_BLOCK_SIZE,
+            ));
+        }
+        let mut c = 0usize;
+        let mut tmp = [0u8; BLOCK_SIZE as usize];
+        for b in first..=last {
+            let pl = block_plain_len(b, size);
+            let sealed = &ct[c..c + pl + OVERHEAD];
+            c += pl + OVERHEAD;
+            let bstart = b * BLOCK_SIZE;
+            let s = off.max(bstart);
+            let e = end.min(bstart + pl as u64);
+            let dst = &mut out[(s - off) as usize..(e - off) as usize];
+            if s == bstart && e == bstart + pl as u64 {
+                fc.open_block(b, sealed, dst)?;
+            } else {
+                fc.open_block(b, sealed, &mut tmp[..pl])?;
+                dst.copy_from_slice(&tmp[(s - bstart) as usize..(e - bstart) as usize]);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
-/// Write `data` at plaintext offset `off`, extending the file as needed.
+/// Write `data` at plaintext offset `off`, extending the file as needed. Blocks the write
+/// covers completely are sealed straight from `data`; partial first/last blocks are
+/// merged with their old content; everything goes out in one `pwrite`.
 pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), ContentError> {
     let end = off
         .checked_add(data.len() as u64)
@@ -193,36 +255,55 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
         size = off;
     }
     let new_size = size.max(end);
-    // Plaintext of the affected blocks, starting from the old content where it exists.
-    let plain_len = ((last - first) * BLOCK_SIZE) as usize + block_plain_len(last, new_size);
-    let mut plain = vec![0u8; plain_len];
     let old_blocks = size.div_ceil(BLOCK_SIZE);
-    let first_partial = !off.is_multiple_of(BLOCK_SIZE) && first < old_blocks;
-    let last_partial = end % BLOCK_SIZE != 0
-        && last < old_blocks
-        && (end - last * BLOCK_SIZE) < block_plain_len(last, size) as u64;
-    if first_partial {
-        let old = read_blocks(file, fc, size, first, first)?;
-        plain[..old.len()].copy_from_slice(&old);
-    }
-    if last_partial && (last != first || !first_partial) {
-        let old = read_blocks(file, fc, size, last, last)?;
-        let at = ((last - first) * BLOCK_SIZE) as usize;
-        plain[at..at + old.len()].copy_from_slice(&old);
-    }
-    let skip = (off - first * BLOCK_SIZE) as usize;
-    plain[skip..skip + data.len()].copy_from_slice(data);
-    // Seal every block into one contiguous ciphertext buffer and write it at once.
+    // Old content of a partially written first/last block (None: covered or new).
+    let partial_old = |b: u64| -> Result<Option<Vec<u8>>, ContentError> {
+        let bstart = b * BLOCK_SIZE;
+        let covered = off <= bstart && bstart + block_plain_len(b, new_size) as u64 <= end;
+        if covered || b >= old_blocks {
+            Ok(None)
+        } else {
+            read_blocks(file, fc, size, b, b).map(Some)
+        }
+    };
+    let old_first = partial_old(first)?;
+    let old_last = if last != first {
+        partial_old(last)?
+    } else {
+        None
+    };
     let nblocks = (last - first + 1) as usize;
-    let mut ct = vec![0u8; plain_len + nblocks * OVERHEAD];
-    let (mut p, mut c) = (0usize, 0usize);
-    for b in first..=last {
-        let pl = block_plain_len(b, new_size);
-        fc.seal_block(b, &plain[p..p + pl], &mut ct[c..c + pl + OVERHEAD]);
-        p += pl;
-        c += pl + OVERHEAD;
-    }
-    file.write_all_at(&ct, block_ct_offset(first))?;
+    let ct_len = (block_ct_offset(last) + block_plain_len(last, new_size) as u64 + OVERHEAD as u64
+        - block_ct_offset(first)) as usize;
+    let mut nonces = NonceBatch::new(nblocks);
+    with_ct_buf(ct_len, |ct| {
+        let mut c = 0usize;
+        let mut tmp = [0u8; BLOCK_SIZE as usize];
+        for b in first..=last {
+            let pl = block_plain_len(b, new_size);
+            let bstart = b * BLOCK_SIZE;
+            let out = &mut ct[c..c + pl + OVERHEAD];
+            c += pl + OVERHEAD;
+            if off <= bstart && bstart + pl as u64 <= end {
+                let at = (bstart - off) as usize;
+                fc.seal_block_batch(&mut nonces, b, &data[at..at + pl], out);
+                continue;
+            }
+            // Partial block: old content (or zeros), then this write's bytes over it.
+            let block = &mut tmp[..pl];
+            block.fill(0);
+            let old = if b == first { &old_first } else { &old_last };
+            if let Some(old) = old {
+                block[..old.len()].copy_from_slice(old);
+            }
+            let s = off.max(bstart);
+            let e = end.min(bstart + pl as u64);
+            block[(s - bstart) as usize..(e - bstart) as usize]
+                .copy_from_slice(&data[(s - off) as usize..(e - off) as usize]);
+            fc.seal_block_batch(&mut nonces, b, block, out);
+        }
+        file.write_all_at(ct, block_ct_offset(first))
+    })?;
     Ok(())
 }
 

@@ -128,7 +128,16 @@ pub fn hex(b: &[u8]) -> String {
 /// Read and parse the header without any key: what `status` may show of a locked volume.
 pub fn read_header(backing: &Path) -> Result<(VolumeHeader, [u8; 32]), VolumeError> {
     let path = backing.join(VOLUME_HEADER_FILE);
-    let bytes = match std::fs::read(&path) {
+    // Never trust the file's size: the largest valid header is about 12 KiB (a 4096-byte
+    // URI and two 4096-byte blobs). Reading at most 64 KiB, an oversized file fails its
+    // checksum instead of being loaded whole.
+    let read = |p: &Path| -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut b = Vec::new();
+        std::fs::File::open(p)?.take(64 << 10).read_to_end(&mut b)?;
+        Ok(b)
+    };
+    let bytes = match read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !backing.is_dir() {

@@ -88,8 +88,14 @@ impl Env {
             .arg(&self.passfile)
             .env_remove("KEKFS_PASSPHRASE")
             .env_remove("KEKFS_PASSFILE")
-            .env_remove("KEKFS_KEYSTORE");
+            .env_remove("KEKFS_KEYSTORE")
+            .env("KEKFS_AUDIT_DIR", self.audit_dir());
         c
+    }
+
+    /// Where this env's per-volume and per-token audit logs go (`$KEKFS_AUDIT_DIR`).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.path().join("audit")
     }
 
     /// Run `kekfs ARGS`, returning the output (no assertion).
