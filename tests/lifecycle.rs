@@ -385,3 +385,30 @@ fn killed_rewrap_never_bricks_the_volume() {
         m.unmount();
     }
 }
+
+#[test]
+fn rewrap_to_another_kek_online_keeps_serving() {
+    let Some(env) = Env::new("rewrap_to_another_kek_online_keeps_serving") else {
+        return;
+    };
+    env.init_volume();
+    env.ok(&["key", "create", "k2"]);
+    let m = env.mount_with(&[POLL]);
+    std::fs::write(m.p("f"), b"moves keys").unwrap();
+    env.ok(&["rewrap", env.mnt.to_str().unwrap(), "--to-kek", "soft:k2"]);
+    let st = status_json(&env);
+    assert_eq!(st["kek"], "soft:k2");
+    // The old KEK can go; the mounted volume now answers to k2 only.
+    env.ok(&["key", "disable", "k"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), b"moves keys");
+    assert_eq!(key_state(&env), "active");
+    env.ok(&["key", "disable", "k2"]);
+    assert!(
+        wait_for(BOUND, || read_errno(&m.p("f")) == Some(libc::EKEYREVOKED)),
+        "disabling the new KEK must revoke the volume"
+    );
+    env.ok(&["key", "enable", "k2"]);
+    assert!(wait_for(BOUND, || read_errno(&m.p("f")).is_none()));
+    m.unmount();
+}

@@ -176,6 +176,16 @@ impl KekProvider for Audited {
     fn current_version(&self) -> Result<Option<u32>, KekError> {
         self.inner.current_version()
     }
+
+    fn reopen(&self, uri: &crate::kek::KekUri) -> Option<Box<dyn KekProvider>> {
+        let inner = self.inner.reopen(uri)?;
+        Some(Box::new(Audited {
+            inner,
+            audit: self.audit.clone(),
+            pinned: uri.version(),
+            capture: self.capture.clone(),
+        }))
+    }
 }
 
 #[cfg(test)]

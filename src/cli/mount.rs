@@ -478,6 +478,8 @@ fn serve(
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.unwrap_or(4));
+    // One /dev/fuse descriptor per thread: no contention on a shared channel lock.
+    config.clone_fd = true;
     let purger = fs.cache_purger();
     daemon::block_signals();
     let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {

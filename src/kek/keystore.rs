@@ -971,6 +971,11 @@ impl Keystore {
     }
 
     /// Open the keystore in `dir` with an already derived master key (no Argon2 run).
+    /// Open this keystore again (a second handle with the same master key).
+    pub fn reopen(&self) -> Result<Keystore, KekError> {
+        Keystore::open_with_master(&self.dir, self.master.duplicate())
+    }
+
     pub fn open_with_master(dir: &Path, master: Key32) -> Result<Keystore, KekError> {
         warn_permissions(dir);
         let file = {

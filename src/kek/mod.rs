@@ -271,6 +271,14 @@ pub trait KekProvider: Send + Sync {
     fn current_version(&self) -> Result<Option<u32>, KekError> {
         Ok(None)
     }
+    /// A provider for another KEK `uri` reusing this provider's unlocked state (the
+    /// keystore master key, a token session's PIN), so a running mount can follow
+    /// `kekfs rewrap --to-kek` without asking for a secret again. `None` when this
+    /// provider cannot serve that URI.
+    fn reopen(&self, uri: &KekUri) -> Option<Box<dyn KekProvider>> {
+        let _ = uri;
+        None
+    }
 }
 
 /// Where providers find their secrets and state.

@@ -2,7 +2,7 @@
 
 use super::keystore::{self, KeyOp, Keystore};
 use super::passphrase::PassphraseSource;
-use super::{KekError, KekProvider, WrappedKey, mechanism};
+use super::{KekError, KekProvider, KekUri, WrappedKey, mechanism};
 use crate::crypto::Key32;
 use crate::crypto::aead::{Cipher, OVERHEAD};
 use std::path::{Path, PathBuf};
@@ -147,6 +147,15 @@ impl KekProvider for SoftProvider {
             Some(v) => format!("soft:{}?version={v}", self.name),
             None => format!("soft:{}", self.name),
         }
+    }
+
+    fn reopen(&self, uri: &KekUri) -> Option<Box<dyn KekProvider>> {
+        let KekUri::Soft { name, version } = uri else {
+            return None;
+        };
+        let ks = self.with_keystore(|ks| ks.reopen()).ok()?;
+        let p = SoftProvider::from_keystore(ks, name, *version).ok()?;
+        Some(Box::new(p))
     }
 
     fn current_version(&self) -> Result<Option<u32>, KekError> {

@@ -4,7 +4,7 @@
 
 pub mod status;
 
-use crate::kek::{KekError, KekProvider, Refusal};
+use crate::kek::{KekError, KekProvider, KekUri, Refusal};
 use crate::volume::{self, Volume, VolumeError};
 use log::{error, info, warn};
 use std::path::PathBuf;
@@ -349,6 +349,7 @@ impl Monitor {
 
     /// One poll: unwrap, then update the gate.
     pub fn poll_once(&mut self) -> PollOutcome {
+        self.follow_kek_change();
         self.emit(Event::PollStart);
         let opened = Volume::open(&self.backing, self.provider.as_ref());
         self.emit(Event::Polled(opened.as_ref().err()));
@@ -414,6 +415,39 @@ impl Monitor {
         }
         self.emit(Event::PollEnd);
         outcome
+    }
+
+    /// After `kekfs rewrap --to-kek` on the mounted volume, poll the new KEK: the
+    /// provider opens it with the secret it already holds (same keystore or token).
+    fn follow_kek_change(&mut self) {
+        let Ok((h, _)) = volume::read_header(&self.backing) else {
+            return;
+        };
+        let (Ok(want), Ok(have)) = (
+            KekUri::parse(&h.kek_uri),
+            KekUri::parse(&self.provider.uri()),
+        ) else {
+            return;
+        };
+        if want.with_version(None) == have.with_version(None) {
+            return;
+        }
+        match self.provider.reopen(&want) {
+            Some(p) => {
+                info!(
+                    "{}: volume rewrapped to KEK {}; polling it from now on",
+                    self.backing.display(),
+                    h.kek_uri
+                );
+                self.provider = p;
+            }
+            None => error!(
+                "{}: volume rewrapped to KEK {}, which this mount cannot open without \
+                 asking for its secret; remount the volume",
+                self.backing.display(),
+                h.kek_uri
+            ),
+        }
     }
 
     /// A volume that follows the latest KEK version rewraps itself when a newer usable
