@@ -302,20 +302,25 @@ impl KekFs {
     }
 
     /// Set owner of a new entry to the caller (group from a setgid parent).
-    fn set_owner(&self, req: &Request, parent: &Node, fd: i32) -> Res<()> {
+    /// The group a new entry in `parent` gets: the parent's if it is setgid, else the
+    /// caller's.
+    fn new_entry_gid(&self, req: &Request, parent: &Node) -> Res<u32> {
         let pst = sys::fstat(parent.raw()).map_err(|e| errno(&e))?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+        Ok(if pst.st_mode & libc::S_ISGID != 0 {
             pst.st_gid
         } else {
             req.gid()
-        };
-        let before = sys::fstat(fd).map_err(|e| errno(&e))?;
-        sys::chown_fd(fd, Some(req.uid()), Some(gid)).map_err(|e| errno(&e))?;
+        })
+    }
+
+    /// Give a new entry to its creator.
+    fn set_owner(&self, fd: i32, uid: u32, gid: u32, perm: u16, kind: FileType) -> Res<()> {
+        sys::chown_fd(fd, Some(uid), Some(gid)).map_err(|e| errno(&e))?;
         // chown(2) clears the set-user/group-id bits; a new entry keeps the mode it was
         // created with (the caller owns it now, as if it had created it itself).
-        let special = before.st_mode & (libc::S_ISUID | libc::S_ISGID);
-        if special != 0 && before.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            sys::chmod_fd(fd, before.st_mode & 0o7777).map_err(|e| errno(&e))?;
+        let special = u32::from(perm) & (libc::S_ISUID | libc::S_ISGID);
+        if special != 0 && kind != FileType::Symlink {
+            sys::chmod_fd(fd, u32::from(perm)).map_err(|e| errno(&e))?;
         }
         Ok(())
     }
@@ -421,12 +426,13 @@ impl KekFs {
             return Err(e);
         }
         let (node, attr) = self.lookup_entry(&p, bn.entry())?;
-        self.set_owner(req, &p, node.raw())?;
-        let attr = FileAttr {
-            uid: req.uid(),
-            gid: self.stat_node(&node).map(|a| a.gid).unwrap_or(attr.gid),
-            ..attr
-        };
+        let gid = self.new_entry_gid(req, &p)?;
+        if attr.uid == req.uid() && attr.gid == gid {
+            // Created by the daemon's own identity already (e.g. root): nothing to change.
+            return Ok((node, attr));
+        }
+        self.set_owner(node.raw(), req.uid(), gid, attr.perm, attr.kind)?;
+        let attr = self.stat_node(&node)?;
         Ok((node, attr))
     }
 
