@@ -78,7 +78,11 @@ fn revoke_and_restore(test: &str, revoke: &[&str], errno: i32, restore: &[&str])
         std::fs::write(m.p("dir/new.txt"), b"x").is_err(),
         "{test}: create still works after revocation"
     );
-    assert_ne!(key_state(&env), "active");
+    // The status file is published right after the gate changes: poll for it.
+    assert!(
+        wait_for(BOUND, || key_state(&env) != "active"),
+        "{test}: status still says active"
+    );
 
     env.ok(restore);
     assert!(
@@ -94,7 +98,7 @@ fn revoke_and_restore(test: &str, revoke: &[&str], errno: i32, restore: &[&str])
         None,
         "{test}: held handle after restore"
     );
-    assert_eq!(key_state(&env), "active");
+    assert!(wait_for(BOUND, || key_state(&env) == "active"));
     drop(held);
     m.unmount();
 }
@@ -256,7 +260,7 @@ fn transient_failure_past_grace_makes_volume_unavailable() {
         "got {:?}",
         read_errno(&m.p("f"))
     );
-    assert_eq!(key_state(&env), "unavailable");
+    assert!(wait_for(BOUND, || key_state(&env) == "unavailable"));
     std::fs::write(env.keystore.join("keystore.json"), good).unwrap();
     assert!(wait_for(BOUND, || read_errno(&m.p("f")).is_none()));
     assert_eq!(std::fs::read(m.p("f")).unwrap(), b"payload");

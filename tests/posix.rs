@@ -2129,7 +2129,7 @@ fn sizes_beyond_the_limit_fail_with_efbig() {
     let huge = i64::MAX as u64 - 4096;
     assert_eq!(errno_of(f.set_len(huge), "truncate huge"), libc::EFBIG);
     assert_eq!(f.metadata().unwrap().len(), 5000);
-    // With the kernel's write-back cache (the default) the write is accepted into the
+    // With the kernel's write-back cache (cache=writeback) the write is accepted into the
     // page cache and the error surfaces when it is written back (fsync); with
     // cache=writethrough it fails at once. Either way it is reported, and the file on
     // disk is untouched.
@@ -2139,6 +2139,14 @@ fn sizes_beyond_the_limit_fail_with_efbig() {
             errno_of(f.sync_all(), "fsync after huge write"),
             libc::EFBIG
         ),
+    }
+    drop(f);
+    m.unmount();
+    let m = env.mount_with(&["cache=writeback"]);
+    let f = OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    match f.write_at(b"x", huge) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EFBIG)),
+        Ok(_) => assert_eq!(errno_of(f.sync_all(), "fsync, write-back"), libc::EFBIG),
     }
     drop(f);
     m.unmount();

@@ -76,19 +76,34 @@ fn needles(name: &str, secret: &[u8]) -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-#[track_caller]
-fn assert_no_secret(t: &Transcript, secrets: &[(String, Vec<u8>)]) {
-    let mut scanned = 0usize;
+/// The first secret found in the transcript: "NAME found in WHERE".
+fn find_secret(t: &Transcript, secrets: &[(String, Vec<u8>)]) -> Option<String> {
     for (what, hay) in &t.outputs {
-        scanned += hay.len();
         for (name, needle) in secrets {
-            assert!(
-                !hay.windows(needle.len()).any(|w| w == needle.as_slice()),
-                "{name} found in {what}"
-            );
+            if hay.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                return Some(format!("{name} found in {what}"));
+            }
         }
     }
+    None
+}
+
+#[track_caller]
+fn assert_no_secret(t: &Transcript, secrets: &[(String, Vec<u8>)]) {
+    let scanned: usize = t.outputs.iter().map(|(_, h)| h.len()).sum();
     assert!(scanned > 0, "nothing was scanned");
+    if let Some(hit) = find_secret(t, secrets) {
+        panic!("{hit}");
+    }
+    // The scan itself finds each form of each secret (in some surrounding text).
+    for (name, needle) in secrets {
+        let mut probe = Transcript::default();
+        let mut text = b"log line: key=".to_vec();
+        text.extend_from_slice(needle);
+        text.extend_from_slice(b" end");
+        probe.outputs.push(("probe".into(), text));
+        assert!(find_secret(&probe, secrets).is_some(), "probe of {name}");
+    }
 }
 
 fn runtime_dir(env: &Env) -> PathBuf {
@@ -101,6 +116,19 @@ fn runtime_dir(env: &Env) -> PathBuf {
 fn kekfs(env: &Env) -> Command {
     let mut c = env.kekfs();
     c.env("KEKFS_RUNTIME_DIR", runtime_dir(env));
+    c
+}
+
+/// `kekfs` with this env's keystore and runtime dir but no passphrase source.
+fn bare(env: &Env) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--keystore")
+        .arg(&env.keystore)
+        .env_remove("KEKFS_PASSPHRASE")
+        .env_remove("KEKFS_PASSFILE")
+        .env_remove("KEKFS_KEYSTORE")
+        .env("KEKFS_AUDIT_DIR", env.audit_dir())
+        .env("KEKFS_RUNTIME_DIR", runtime_dir(env));
     c
 }
 
@@ -235,34 +263,29 @@ fn no_passphrase_or_key_in_any_output_log_or_status() {
     );
     m.unmount();
 
-    // Wrong passphrases: refused with the passphrase exit code, and never echoed.
-    let mut c = kekfs(&env);
-    c.arg("--passfile").arg(&wrong).args(["key", "list"]);
-    let o = t.run(c, "key list (wrong passphrase)");
+    // Wrong passphrases (from a file, from the environment): refused with the passphrase
+    // exit code, and never echoed.
+    let o = t.run(
+        with_args(
+            bare(&env),
+            &["--passfile", wrong.to_str().unwrap(), "key", "list"],
+        ),
+        "key list (wrong passphrase)",
+    );
     assert_eq!(o.status.code(), Some(12), "{o:?}");
-    let mut c = mount_cmd(&env, &[]);
-    c.arg("--passfile").arg(&wrong);
+    let mut c = bare(&env);
+    c.env("KEKFS_PASSPHRASE", WRONG_PASSPHRASE)
+        .args(["key", "show", "k"]);
+    let o = t.run(c, "key show (wrong passphrase from $KEKFS_PASSPHRASE)");
+    assert_eq!(o.status.code(), Some(12), "{o:?}");
+    let mut c = bare(&env);
+    c.args(["--passfile", wrong.to_str().unwrap(), "mount", &b, &mnt])
+        .arg("--log")
+        .arg(env.dir.path().join("daemon.log"));
     let o = t.run(c, "mount (wrong passphrase)");
     if is_mounted(&env.mnt) {
         force_unmount(&env.mnt);
     }
-    assert_eq!(o.status.code(), Some(12), "{o:?}");
-    let mut c = kekfs(&env);
-    c.env_remove("KEKFS_PASSFILE")
-        .env("KEKFS_PASSPHRASE", WRONG_PASSPHRASE)
-        .args(["--keystore", env.keystore.to_str().unwrap(), "key", "list"]);
-    // `--passfile` (right) comes first in env.kekfs(); drop it to use the variable.
-    let args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_os_string()).collect();
-    let pos = args.iter().position(|a| a == "--passfile").unwrap();
-    let mut c2 = Command::new(c.get_program());
-    c2.args(&args[..pos]).args(&args[pos + 2..]);
-    for (k, v) in c.get_envs() {
-        match v {
-            Some(v) => c2.env(k, v),
-            None => c2.env_remove(k),
-        };
-    }
-    let o = t.run(c2, "key list (wrong passphrase from $KEKFS_PASSPHRASE)");
     assert_eq!(o.status.code(), Some(12), "{o:?}");
     t.ok(with_args(kekfs(&env), &["rewrap", &b]), "rewrap (offline)");
 
@@ -454,14 +477,22 @@ fn daemon_has_no_core_dumps_locked_memory_and_enough_descriptors() {
         soft, hard,
         "descriptor soft limit not raised to the hard limit"
     );
-    // As root the memory limit can be lifted, so the daemon's memory is locked.
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let lck = proc_field(pid, "status", "VmLck:");
-        let kib: u64 = lck.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // With CAP_IPC_LOCK (root, normally) the daemon's memory is locked; without it, and
+    // with a finite locked-memory limit, the daemon says so in its log.
+    let caps = proc_field(std::process::id() as i32, "status", "CapEff:");
+    let caps = u64::from_str_radix(caps.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    let lck = proc_field(pid, "status", "VmLck:");
+    let kib: u64 = lck.split_whitespace().nth(1).unwrap().parse().unwrap();
+    if caps & (1 << 14) != 0 {
         assert!(kib > 0, "daemon memory is not locked: {lck}");
         assert!(
             !env.daemon_log().contains("not locked"),
+            "{}",
+            env.daemon_log()
+        );
+    } else if kib == 0 {
+        assert!(
+            env.daemon_log().contains("key memory is not locked"),
             "{}",
             env.daemon_log()
         );
@@ -528,4 +559,40 @@ fn keystore_permissions_are_checked_when_opened() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
     chmod(&env.keystore, 0o700);
+}
+
+/// The backing directory `kekfs init` creates is private (0700), and kekfs's own files in
+/// it (volume header, directory ids, locks, long-name sidecars) are 0600. Content files,
+/// directories and symlinks keep the modes the user gave them (the kernel checks
+/// permissions against them).
+#[test]
+fn backing_dir_and_kekfs_files_are_private() {
+    let Some(env) = Env::new("backing_dir_and_kekfs_files_are_private") else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    env.init_volume();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&env.backing), 0o700, "backing root");
+    let m = env.mount();
+    std::fs::create_dir(m.p("d")).unwrap();
+    std::fs::write(m.p(&format!("d/{}", "L".repeat(200))), b"x").unwrap();
+    std::fs::write(m.p("f"), b"y").unwrap();
+    // Through the mount, modes are the user's.
+    assert_eq!(mode(&m.p("d")), 0o755);
+    assert_eq!(mode(&m.p("f")), 0o644);
+    let mut internal = 0;
+    for f in files_under(&env.backing) {
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        // (`kekfs.L.<hash>` is a long-named user file; its sidecar `….n` is kekfs's.)
+        let long_entry = name.starts_with("kekfs.L.") && !name.ends_with(".n");
+        if name.starts_with("kekfs.") && !long_entry {
+            internal += 1;
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+    }
+    // Volume header, volume lock, two directory ids, one sidecar (and the header lock,
+    // once a rewrap made it).
+    assert!(internal >= 5, "only {internal} kekfs files found");
+    m.unmount();
 }

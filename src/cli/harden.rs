@@ -96,8 +96,9 @@ pub fn lock_memory() -> Result<(), String> {
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } != 0 {
             return Err(format!(
                 "key memory is not locked and may be swapped out: the locked-memory limit \
-                 (RLIMIT_MEMLOCK) is {} KiB and cannot be raised; mount as root or raise it \
-                 (ulimit -l unlimited, or LimitMEMLOCK=infinity in a systemd unit)",
+                 (RLIMIT_MEMLOCK) is {} KiB and cannot be raised; mount as root (with \
+                 CAP_IPC_LOCK) or raise the limit (ulimit -l unlimited, or \
+                 LimitMEMLOCK=infinity in a systemd unit)",
                 r.rlim_cur / 1024
             ));
         }

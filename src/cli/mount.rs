@@ -61,8 +61,8 @@ pub struct Options {
     pub poll: Option<Duration>,
     /// `grace=DURATION`: how long a transient provider outage is tolerated.
     pub grace: Option<Duration>,
-    /// `cache=writethrough`: no kernel write-back caching.
-    pub writethrough: bool,
+    /// `cache=writeback`: kernel write-back caching (default: write-through).
+    pub writeback: bool,
     /// `audit=fail-closed|best-effort`: what to do when the audit log cannot be written.
     pub audit: Option<crate::audit::Policy>,
     /// `audit_dir=DIR`: base directory of the volume's audit log.
@@ -152,8 +152,8 @@ pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
             "keystore" => o.keystore = Some(need(v)?.into()),
             "log" => o.log = Some(need(v)?.into()),
             "cache" => match need(v)?.as_str() {
-                "writeback" => o.writethrough = false,
-                "writethrough" => o.writethrough = true,
+                "writeback" => o.writeback = true,
+                "writethrough" => o.writeback = false,
                 other => {
                     return Err(CliError::new(
                         exit::USAGE,
@@ -450,14 +450,13 @@ fn serve(
     crate::fuse::sys::set_umask(0);
     let vid = volume::hex(vol.id());
     let gate = Arc::new(Gate::new(vol));
-    let fs = KekFs::with_cache(gate.clone(), backing, opts.read_only, !opts.writethrough).map_err(
-        |e| {
+    let fs =
+        KekFs::with_cache(gate.clone(), backing, opts.read_only, opts.writeback).map_err(|e| {
             CliError::new(
                 exit::MOUNT_FAILED,
                 format!("opening backing directory: {e}"),
             )
-        },
-    )?;
+        })?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(backing.display().to_string()),

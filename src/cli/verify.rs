@@ -429,7 +429,14 @@ impl<'a> Walker<'a> {
     fn dir(&mut self, dir: &Path, plain: &str, stack: &mut Vec<(PathBuf, String)>) {
         self.r.content.directories += 1;
         let shown = if plain.is_empty() { "/" } else { plain };
-        let id = match std::fs::read(dir.join(DIRID_FILE))
+        // Bounded read: the backing tree is untrusted (a valid id file has 16 bytes).
+        let read_id = |p: &Path| -> std::io::Result<Vec<u8>> {
+            use std::io::Read;
+            let mut b = Vec::new();
+            std::fs::File::open(p)?.take(64).read_to_end(&mut b)?;
+            Ok(b)
+        };
+        let id = match read_id(&dir.join(DIRID_FILE))
             .map_err(|e| e.to_string())
             .and_then(|b| parse_dirid(&b).map_err(|e| e.0))
         {

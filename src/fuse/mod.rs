@@ -102,11 +102,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl KekFs {
     /// Serve the volume whose backing root is `backing`.
     pub fn new(gate: Arc<Gate>, backing: &Path, read_only: bool) -> io::Result<KekFs> {
-        Self::with_cache(gate, backing, read_only, true)
+        Self::with_cache(gate, backing, read_only, false)
     }
 
-    /// Like `new`, choosing whether the kernel may cache writes (write-back) or must
-    /// send each write to kekfs as it happens (write-through).
+    /// Like `new` (write-through), choosing whether the kernel may cache writes
+    /// (write-back) or must send each write to kekfs as it happens (write-through).
     pub fn with_cache(
         gate: Arc<Gate>,
         backing: &Path,

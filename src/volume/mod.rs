@@ -188,7 +188,13 @@ impl Volume {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(backing)
+                // Created private (0700): others need not even see the ciphertext's sizes,
+                // names and tree shape. An existing directory keeps the mode it has.
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(backing)
                     .map_err(io_err(format!("creating {}", backing.display())))?;
             }
             Err(e) => return Err(VolumeError::Io(format!("reading {}", backing.display()), e)),
