@@ -158,48 +158,34 @@ fn with_ct_buf<R>(n: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
-/// Read blocks `first..=last` of a file of plaintext size `size` into `out` (which has room
-/// for every block's plaintext, `BLOCK_SIZE` each, the last possibly shorter).
-fn read_blocks(
+/// Read up to `len` plaintext bytes at `off`.
+pub fn read(file: &File, fc: &FileCipher, off: u64, len: u32) -> Result<Vec<u8>, ContentError> {
+    read_sized(file, fc, size_of(file)?, off, len as u64)
+}
+
+/// The whole plaintext of block `b` of a file of plaintext size `size`.
+fn read_block(file: &File, fc: &FileCipher, size: u64, b: u64) -> Result<Vec<u8>, ContentError> {
+    read_sized(
+        file,
+        fc,
+        size,
+        b * BLOCK_SIZE,
+        block_plain_len(b, size) as u64,
+    )
+}
+
+/// Read up to `len` plaintext bytes at `off` of a file whose plaintext size is `size`.
+fn read_sized(
     file: &File,
     fc: &FileCipher,
     size: u64,
-    first: u64,
-    last: u64,
+    off: u64,
+    len: u64,
 ) -> Result<Vec<u8>, ContentError> {
-    let ct_start = block_ct_offset(first);
-    let ct_end = block_ct_offset(last) + block_plain_len(last, size) as u64 + OVERHEAD as u64;
-    let mut ct = vec![0u8; (ct_end - ct_start) as usize];
-    let n = read_full_at(file, &mut ct, ct_start)?;
-    if n < ct.len() {
-        // The file shrank under us or is truncated mid-block: the block cannot authenticate.
-        let bad = first + (n as u64 / crate::format::offsets::CT_BLOCK_SIZE);
-        return Err(ContentError::BadBlock(bad));
-    }
-    let plain_len = ((last - first) * BLOCK_SIZE) as usize + block_plain_len(last, size);
-    let mut plain = vec![0u8; plain_len];
-    let mut cpos = 0usize;
-    let mut ppos = 0usize;
-    for b in first..=last {
-        let pl = block_plain_len(b, size);
-        fc.open_block(
-            b,
-            &ct[cpos..cpos + pl + OVERHEAD],
-            &mut plain[ppos..ppos + pl],
-        )?;
-        cpos += pl + OVERHEAD;
-        ppos += pl;
-    }
-    Ok(plain)
-}
-
-/// Read up to `len` plaintext bytes at `off`.
-pub fn read(file: &File, fc: &FileCipher, off: u64, len: u32) -> Result<Vec<u8>, ContentError> {
-    let size = size_of(file)?;
     if off >= size || len == 0 {
         return Ok(Vec::new());
     }
-    let end = off + (len as u64).min(size - off);
+    let end = off + len.min(size - off);
     let Some((first, last)) = block_range(off, end - off) else {
         return Ok(Vec::new());
     };
@@ -263,7 +249,7 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
         if covered || b >= old_blocks {
             Ok(None)
         } else {
-            read_blocks(file, fc, size, b, b).map(Some)
+            read_block(file, fc, size, b).map(Some)
         }
     };
     let old_first = partial_old(first)?;
@@ -320,7 +306,7 @@ fn pad_last_block(
         return Ok(());
     }
     let b = size / BLOCK_SIZE;
-    let mut plain = read_blocks(file, fc, size, b, b)?;
+    let mut plain = read_block(file, fc, size, b)?;
     let new_len = (new_size - b * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
     plain.resize(new_len, 0);
     let mut ct = vec![0u8; new_len + OVERHEAD];
@@ -343,7 +329,7 @@ pub fn truncate(file: &File, fc: &FileCipher, new_size: u64) -> Result<(), Conte
     } else if !new_size.is_multiple_of(BLOCK_SIZE) {
         // Reseal the new last block with its shortened plaintext.
         let b = new_size / BLOCK_SIZE;
-        let mut plain = read_blocks(file, fc, size, b, b)?;
+        let mut plain = read_block(file, fc, size, b)?;
         let keep = (new_size % BLOCK_SIZE) as usize;
         plain.truncate(keep);
         let mut ct = vec![0u8; keep + OVERHEAD];
