@@ -1,9 +1,13 @@
 //! The one AEAD used for file blocks, xattr values and key wrapping: AES-256-GCM with a
 //! 96-bit random nonce and a 128-bit tag. Swapping the implementation happens only here.
+//!
+//! Implementation: aws-lc-rs (AWS-LC). Chosen by measurement (benches/crypto.rs): on this
+//! machine's VAES/AVX-512 CPU it seals 4 KiB blocks at 4-6x the RustCrypto `aes-gcm`
+//! rate, and unlike `ring` it wipes the expanded key: the AEAD context lives in memory
+//! from `OPENSSL_malloc`, and AWS-LC's `OPENSSL_free` cleanses it before freeing.
 
 use super::Key32;
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 /// Nonce length in bytes.
 pub const NONCE_LEN: usize = 12;
@@ -54,9 +58,9 @@ impl NonceBatch {
 }
 
 /// An initialised AES-256-GCM cipher for one key. Holds the expanded key schedule,
-/// which the underlying crate zeroizes on drop.
+/// which AWS-LC wipes when the cipher is dropped.
 pub struct Cipher {
-    inner: Aes256Gcm,
+    inner: LessSafeKey,
 }
 
 impl std::fmt::Debug for Cipher {
@@ -68,8 +72,10 @@ impl std::fmt::Debug for Cipher {
 impl Cipher {
     /// Build the cipher for `key`.
     pub fn new(key: &Key32) -> Self {
+        let unbound = UnboundKey::new(&AES_256_GCM, key.expose())
+            .expect("AES-256-GCM accepts every 32-byte key");
         Self {
-            inner: Aes256Gcm::new(key.expose().into()),
+            inner: LessSafeKey::new(unbound),
         }
     }
 
@@ -93,16 +99,16 @@ impl Cipher {
             plaintext.len() + OVERHEAD,
             "seal_into: bad output length"
         );
+        let nonce = nonces.take();
         let (nonce_out, rest) = out.split_at_mut(NONCE_LEN);
-        nonce_out.copy_from_slice(&nonces.take());
+        nonce_out.copy_from_slice(&nonce);
         let (ct, tag_out) = rest.split_at_mut(plaintext.len());
         ct.copy_from_slice(plaintext);
-        let nonce = Nonce::try_from(&nonce_out[..]).expect("nonce length is NONCE_LEN");
         let tag = self
             .inner
-            .encrypt_inout_detached(&nonce, aad, ct.into())
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), ct)
             .expect("AES-GCM encryption of a block-sized message cannot fail");
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag.as_ref());
     }
 
     /// Seal into a new vector.
@@ -120,12 +126,10 @@ impl Cipher {
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-        out.copy_from_slice(ct);
-        let nonce = Nonce::try_from(nonce).map_err(|_| AuthError)?;
-        let tag = Tag::try_from(tag).map_err(|_| AuthError)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| AuthError)?;
         match self
             .inner
-            .decrypt_inout_detached(&nonce, aad, out.into(), &tag)
+            .open_separate_gather(nonce, Aad::from(aad), ct, tag, out)
         {
             Ok(()) => Ok(()),
             Err(_) => {
