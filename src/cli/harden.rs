@@ -30,9 +30,9 @@ pub fn disable_core_dumps() -> Vec<String> {
 }
 
 /// Raise the soft limit on open descriptors to the hard limit. A FUSE daemon holds one
-/// descriptor per inode the kernel knows plus one per open file, so the usual soft limit
-/// of 1024 would make `open` in the mount fail with EMFILE long before the kernel's
-/// limits. Returns the new soft limit.
+/// descriptor per inode the kernel has cached plus one per open file; with the usual soft
+/// limit of 1024 its inode table would have to be trimmed (see `fuse::Reclaimer`) far
+/// more often than needed. Returns the new soft limit.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -54,6 +54,19 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         return Ok(raised.rlim_cur);
     }
     Ok(r.rlim_cur)
+}
+
+/// The current soft limit on open descriptors.
+pub fn nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    r.rlim_cur
 }
 
 /// Does this process have CAP_IPC_LOCK (which lifts the locked-memory limit)?

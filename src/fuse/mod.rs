@@ -135,6 +135,12 @@ impl KekFs {
         })
     }
 
+    /// Size the inode table's descriptor budget for a process limit of `fd_limit`
+    /// descriptors (see `nodes`).
+    pub fn set_fd_limit(&self, fd_limit: u64) {
+        lock(&self.nodes).set_fd_limit(fd_limit);
+    }
+
     /// The unlocked volume, or the errno of the reason there is none (revoked keys).
     fn vol(&self) -> Res<Arc<Volume>> {
         self.gate
@@ -150,11 +156,14 @@ impl KekFs {
     }
 
     fn node(&self, ino: INodeNo) -> Res<Arc<Node>> {
-        lock(&self.nodes).get(ino.0).ok_or(Errno::ESTALE)
+        let mut t = lock(&self.nodes);
+        t.trim_if_over();
+        t.get(ino.0).ok_or(Errno::ESTALE)
     }
 
     fn backing_path(&self, node: &Node) -> String {
-        std::fs::read_link(format!("/proc/self/fd/{}", node.raw()))
+        node.fd()
+            .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())))
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| format!("inode {}", node.ino))
     }
@@ -213,7 +222,8 @@ impl KekFs {
     }
 
     fn stat_node(&self, node: &Node) -> Res<FileAttr> {
-        let st = sys::fstat(node.raw()).map_err(|e| errno(&e))?;
+        let fd = node.fd().map_err(|e| errno(&e))?;
+        let st = sys::fstat(fd.as_raw_fd()).map_err(|e| errno(&e))?;
         Ok(self.attr(node.ino, &st, Some(node)))
     }
 
@@ -254,16 +264,56 @@ impl KekFs {
     }
 
     /// Look up a backing entry and count a kernel reference to it.
-    fn lookup_entry(&self, parent: &Node, entry: &str) -> Res<(Arc<Node>, FileAttr)> {
+    fn lookup_entry(&self, parent: &Arc<Node>, entry: &str) -> Res<(Arc<Node>, FileAttr)> {
         let c = sys::cstr(entry.as_bytes()).map_err(|e| errno(&e))?;
         let fd = sys::openat(parent.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(|e| errno(&e))?;
         let st = sys::fstat(fd.as_raw_fd()).map_err(|e| errno(&e))?;
         let ino = self.fuse_ino(&st)?;
         let kind = kind_of(st.st_mode);
-        let node = lock(&self.nodes).reference(ino, || Node::new(ino, fd, kind));
+        let node = {
+            let mut t = lock(&self.nodes);
+            let budget = t.budget();
+            let mut fresh = Some(fd);
+            let node = t.reference(ino, || {
+                let fd = fresh
+                    .take()
+                    .expect("the new node takes the descriptor once");
+                Node::closable(ino, &st, fd, kind, parent, entry, &budget)
+            });
+            if let Some(fd) = fresh {
+                node.refresh(fd, parent, entry);
+            }
+            node
+        };
         let attr = self.attr(ino, &st, Some(&node));
         Ok((node, attr))
+    }
+
+    /// Entry `c` of `dir` may be about to lose its last name: if the kernel knows its
+    /// inode, make that node keep a descriptor open on it, so the inode (and its number)
+    /// lives until the kernel forgets the node and no new file can turn up under the
+    /// old node's number.
+    fn pin_victim(&self, dir: &Node, c: &std::ffi::CStr) {
+        let Ok(fd) = sys::openat(dir.raw(), c, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+            return;
+        };
+        let Ok(st) = sys::fstat(fd.as_raw_fd()) else {
+            return;
+        };
+        let node = self
+            .fuse_ino(&st)
+            .ok()
+            .and_then(|i| lock(&self.nodes).get(i));
+        if let Some(n) = node
+            && let Err(e) = n.pin(Some(fd))
+        {
+            log::debug!(
+                "{}: keeping inode {} open: {e}",
+                self.backing_path(dir),
+                n.ino
+            );
+        }
     }
 
     /// Write a long name's sidecar (synced, so that it is durable before its entry exists).
@@ -342,7 +392,8 @@ impl KekFs {
         } else {
             libc::O_RDONLY
         };
-        let fd = sys::openat(libc::AT_FDCWD, &sys::proc_path(node.raw()), flags, 0)
+        let opath = node.fd().map_err(|e| errno(&e))?;
+        let fd = sys::openat(libc::AT_FDCWD, &sys::proc_path(opath.as_raw_fd()), flags, 0)
             .map_err(|e| errno(&e))?;
         Ok(File::from(fd))
     }
@@ -431,7 +482,8 @@ impl KekFs {
             // Created by the daemon's own identity already (e.g. root): nothing to change.
             return Ok((node, attr));
         }
-        self.set_owner(node.raw(), req.uid(), gid, attr.perm, attr.kind)?;
+        let fd = node.fd().map_err(|e| errno(&e))?;
+        self.set_owner(fd.as_raw_fd(), req.uid(), gid, attr.perm, attr.kind)?;
         let attr = self.stat_node(&node)?;
         Ok((node, attr))
     }
@@ -503,9 +555,14 @@ impl KekFs {
         Ok(out)
     }
 
-    fn xattr_path(&self, node: &Node) -> Res<std::ffi::CString> {
+    /// The `/proc/self/fd` path for the node's xattrs, with the descriptor it names
+    /// (keep it while the path is used).
+    fn xattr_path(&self, node: &Node) -> Res<(std::ffi::CString, Arc<OwnedFd>)> {
         match node.kind {
-            FileType::RegularFile | FileType::Directory => Ok(sys::proc_path(node.raw())),
+            FileType::RegularFile | FileType::Directory => {
+                let fd = node.fd().map_err(|e| errno(&e))?;
+                Ok((sys::proc_path(fd.as_raw_fd()), fd))
+            }
             _ => Err(Errno::EPERM),
         }
     }
@@ -534,7 +591,7 @@ impl KekFs {
         let src_st =
             sys::fstatat(p.raw(), &sc, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| errno(&e))?;
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        let mut restore_dirid: Option<(OwnedFd, [u8; 16])> = None;
+        let mut restore_dirid: Option<(Arc<OwnedFd>, [u8; 16])> = None;
         if !exchange && !flags.contains(RenameFlags::RENAME_NOREPLACE) {
             // Replacing an empty directory: drop its id file so the backing rename succeeds.
             if let Ok(dst_st) = sys::fstatat(np.raw(), &dc, libc::AT_SYMLINK_NOFOLLOW)
@@ -551,10 +608,13 @@ impl KekFs {
                 let id = self.dir_id(&tmp)?;
                 let idc = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| errno(&e))?;
                 sys::unlinkat(tmp.raw(), &idc, 0).map_err(|e| errno(&e))?;
-                restore_dirid = Some((tmp.fd, id));
+                restore_dirid = Some((tmp.fd().map_err(|e| errno(&e))?, id));
             }
         }
         self.write_sidecar(&np, &dst)?;
+        if !exchange {
+            self.pin_victim(&np, &dc);
+        }
         let r = sys::renameat2(p.raw(), &sc, np.raw(), &dc, flags.bits());
         if let Err(e) = r {
             if let Some((fd, id)) = restore_dirid {
@@ -564,6 +624,23 @@ impl KekFs {
         }
         if !exchange && src.entry() != dst.entry() {
             self.remove_sidecar(&p, &src);
+        }
+        // Closable nodes reopen by name: record where the moved entries are now.
+        let moved = self
+            .fuse_ino(&src_st)
+            .ok()
+            .and_then(|i| lock(&self.nodes).get(i));
+        if let Some(n) = moved {
+            n.moved(&np, dst.entry());
+        }
+        if exchange
+            && let Ok(st) = sys::fstatat(p.raw(), &sc, libc::AT_SYMLINK_NOFOLLOW)
+            && let Some(n) = self
+                .fuse_ino(&st)
+                .ok()
+                .and_then(|i| lock(&self.nodes).get(i))
+        {
+            n.moved(&p, src.entry());
         }
         Ok(())
     }
@@ -708,21 +785,23 @@ impl fuser::Filesystem for KekFs {
                     }
                 }
             }
+            let fd = node.fd().map_err(|e| errno(&e))?;
+            let fd = fd.as_raw_fd();
             if uid.is_some() || gid.is_some() {
-                sys::chown_fd(node.raw(), uid, gid).map_err(|e| errno(&e))?;
+                sys::chown_fd(fd, uid, gid).map_err(|e| errno(&e))?;
             }
             if let Some(mode) = mode
                 && node.kind != FileType::Symlink
             {
-                sys::chmod_fd(node.raw(), mode & 0o7777).map_err(|e| errno(&e))?;
+                sys::chmod_fd(fd, mode & 0o7777).map_err(|e| errno(&e))?;
             }
             if atime.is_some() || mtime.is_some() {
                 let (a, m) = (to_timespec(atime), to_timespec(mtime));
                 // /proc/self/fd would follow a symlink to its (encrypted) target.
                 let r = if node.kind == FileType::Symlink {
-                    sys::utimens_nofollow_fd(node.raw(), a, m)
+                    sys::utimens_nofollow_fd(fd, a, m)
                 } else {
-                    sys::utimens_fd(node.raw(), a, m)
+                    sys::utimens_fd(fd, a, m)
                 };
                 r.map_err(|e| errno(&e))?;
             }
@@ -737,7 +816,8 @@ impl fuser::Filesystem for KekFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = (|| {
             let node = self.node(ino)?;
-            let stored = sys::readlink_fd(node.raw()).map_err(|e| errno(&e))?;
+            let fd = node.fd().map_err(|e| errno(&e))?;
+            let stored = sys::readlink_fd(fd.as_raw_fd()).map_err(|e| errno(&e))?;
             self.vol()?.decrypt_symlink(&stored).ok_or_else(|| {
                 error!(
                     "{}: symlink target does not authenticate",
@@ -834,6 +914,7 @@ impl fuser::Filesystem for KekFs {
             let p = self.node(parent)?;
             let bn = self.backing_name(&p, name)?;
             let c = sys::cstr(bn.entry().as_bytes()).map_err(|e| errno(&e))?;
+            self.pin_victim(&p, &c);
             sys::unlinkat(p.raw(), &c, 0).map_err(|e| errno(&e))?;
             self.remove_sidecar(&p, &bn);
             Ok(())
@@ -935,7 +1016,10 @@ impl fuser::Filesystem for KekFs {
             let bn = self.backing_name(&p, newname)?;
             let c = sys::cstr(bn.entry().as_bytes()).map_err(|e| errno(&e))?;
             self.write_sidecar(&p, &bn)?;
-            if let Err(e) = sys::link_fd(node.raw(), p.raw(), &c) {
+            // A second name: from now on the node keeps its descriptor.
+            node.pin(None).map_err(|e| errno(&e))?;
+            let fd = node.fd().map_err(|e| errno(&e))?;
+            if let Err(e) = sys::link_fd(fd.as_raw_fd(), p.raw(), &c) {
                 if e.raw_os_error() != Some(libc::EEXIST) {
                     self.remove_sidecar(&p, &bn);
                 }
@@ -1168,12 +1252,23 @@ impl fuser::Filesystem for KekFs {
                     Err(_) => continue,
                 }
             } else {
-                let found = std::str::from_utf8(&e.backing)
-                    .ok()
-                    .and_then(|b| self.lookup_entry(&dir, b).ok());
-                match found {
-                    Some((_, a)) => (a, true),
-                    None => continue, // removed since the snapshot
+                let Ok(b) = std::str::from_utf8(&e.backing) else {
+                    continue;
+                };
+                match self.lookup_entry(&dir, b) {
+                    Ok((_, a)) => (a, true),
+                    // Out of descriptors: report it rather than silently leave
+                    // entries out.
+                    Err(err @ (Errno::EMFILE | Errno::ENFILE)) => {
+                        if i == offset as usize {
+                            reply.error(err);
+                            return;
+                        }
+                        // Send what there is; the kernel asks again from this entry.
+                        break;
+                    }
+                    // Removed since the snapshot, or not servable (logged): skip it.
+                    Err(_) => continue,
                 }
             };
             if reply.add(
@@ -1262,7 +1357,7 @@ impl fuser::Filesystem for KekFs {
             let Some(user) = self.user_xattr(name) else {
                 return Err(Errno::ENOTSUP);
             };
-            let path = self.xattr_path(&node)?;
+            let (path, _fd) = self.xattr_path(&node)?;
             let bname = self.vol()?.encrypt_xattr_name(user);
             if bname.len() > 255 {
                 return Err(Errno::ERANGE);
@@ -1283,7 +1378,7 @@ impl fuser::Filesystem for KekFs {
             let Some(user) = self.user_xattr(name) else {
                 return Err(Errno::ENODATA);
             };
-            let path = match self.xattr_path(&node) {
+            let (path, _fd) = match self.xattr_path(&node) {
                 Ok(p) => p,
                 Err(_) => return Err(Errno::ENODATA),
             };
@@ -1311,7 +1406,7 @@ impl fuser::Filesystem for KekFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let r = (|| {
             let node = self.node(ino)?;
-            let Ok(path) = self.xattr_path(&node) else {
+            let Ok((path, _fd)) = self.xattr_path(&node) else {
                 return Ok(Vec::new());
             };
             let vol = self.vol()?;
@@ -1341,7 +1436,7 @@ impl fuser::Filesystem for KekFs {
             let Some(user) = self.user_xattr(name) else {
                 return Err(Errno::ENODATA);
             };
-            let path = self.xattr_path(&node)?;
+            let (path, _fd) = self.xattr_path(&node)?;
             let c = sys::cstr(self.vol()?.encrypt_xattr_name(user).as_bytes())
                 .map_err(|e| errno(&e))?;
             sys::removexattr(&path, &c).map_err(|e| errno(&e))

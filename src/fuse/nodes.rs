@@ -1,18 +1,81 @@
 //! The inode table: FUSE inode numbers ↔ O_PATH descriptors of backing inodes, with the
 //! kernel's lookup counts, per-file locks and cached per-file state.
+//!
+//! Directories keep their descriptor for as long as the kernel knows them. Other inodes
+//! with a single name keep theirs only as a cache: past a budget (a share of the
+//! process's descriptor limit) the least recently looked-up idle ones are closed and
+//! reopened on demand from their parent directory and backing name, checked against
+//! the inode number. So the kernel may cache any number of entries without the daemon
+//! running out of descriptors (EMFILE).
 
 use crate::volume::FileCipher;
 use fuser::FileType;
 use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How many descriptors of closable nodes are open, and the marks that trigger closing.
+#[derive(Debug)]
+pub struct FdBudget {
+    open: AtomicUsize,
+    high: usize,
+    low: usize,
+}
+
+impl FdBudget {
+    /// A budget for a process limit of `fd_limit` descriptors: closable nodes may hold
+    /// half of them; trimming goes down to two fifths. The rest is left for directories,
+    /// open files and the daemon's own files.
+    pub fn for_limit(fd_limit: u64) -> FdBudget {
+        let limit = usize::try_from(fd_limit).unwrap_or(usize::MAX).max(64);
+        FdBudget {
+            open: AtomicUsize::new(0),
+            high: limit / 2,
+            low: limit * 2 / 5,
+        }
+    }
+
+    /// Descriptors of closable nodes open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for FdBudget {
+    fn default() -> Self {
+        Self::for_limit(1024)
+    }
+}
+
+/// Where a closable node's descriptor can be reopened from.
+struct Origin {
+    parent: Arc<Node>,
+    entry: CString,
+}
 
 /// One backing inode the kernel knows about.
 pub struct Node {
     /// The FUSE inode number (the backing inode number; 1 for the root).
     pub ino: u64,
-    /// An O_PATH descriptor keeping the backing inode alive and reachable.
-    pub fd: OwnedFd,
+    /// The backing inode number (what a reopened descriptor must lead to).
+    backing_ino: u64,
+    /// An O_PATH descriptor of the backing inode; `None` once closed to save descriptors
+    /// (closable nodes only).
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// For a closable node: its parent directory and backing name.
+    origin: Mutex<Option<Origin>>,
+    /// The budget its descriptor counts against while it is a closable node.
+    budget: Option<Arc<FdBudget>>,
+    /// When the kernel last looked it up (a table-wide tick), for least-recently-used
+    /// closing.
+    used: AtomicU64,
     /// File type (never changes for an inode).
     pub kind: FileType,
     /// Content lock: readers share, writers and truncation are exclusive.
@@ -25,11 +88,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// A new node.
+    /// A new node whose descriptor stays open as long as the node lives.
     pub fn new(ino: u64, fd: OwnedFd, kind: FileType) -> Self {
         Self {
             ino,
-            fd,
+            backing_ino: ino,
+            fd: Mutex::new(Some(Arc::new(fd))),
+            origin: Mutex::new(None),
+            budget: None,
+            used: AtomicU64::new(0),
             kind,
             content: RwLock::new(()),
             dir_id: OnceLock::new(),
@@ -37,9 +104,171 @@ impl Node {
         }
     }
 
-    /// The raw O_PATH descriptor.
+    /// A new node for backing entry `entry` of directory `parent`, whose descriptor may be
+    /// closed when idle and reopened from there. Directories and inodes with several
+    /// names always keep theirs (a closable node must be findable by one name).
+    pub fn closable(
+        ino: u64,
+        st: &libc::stat,
+        fd: OwnedFd,
+        kind: FileType,
+        parent: &Arc<Node>,
+        entry: &str,
+        budget: &Arc<FdBudget>,
+    ) -> Self {
+        let mut n = Self::new(ino, fd, kind);
+        n.backing_ino = st.st_ino;
+        if kind != FileType::Directory
+            && st.st_nlink == 1
+            && let Ok(entry) = CString::new(entry)
+        {
+            *lock(&n.origin) = Some(Origin {
+                parent: parent.clone(),
+                entry,
+            });
+            budget.open.fetch_add(1, Ordering::Relaxed);
+            n.budget = Some(budget.clone());
+        }
+        n
+    }
+
+    /// The node's O_PATH descriptor, reopened from its parent if it was closed. Fails
+    /// with ESTALE if the backing name no longer leads to this inode.
+    pub fn fd(&self) -> io::Result<Arc<OwnedFd>> {
+        let mut fd = lock(&self.fd);
+        if let Some(f) = fd.as_ref() {
+            return Ok(f.clone());
+        }
+        let origin = lock(&self.origin);
+        let f = Arc::new(self.reopen(origin.as_ref())?);
+        *fd = Some(f.clone());
+        if let Some(b) = &self.budget {
+            b.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(f)
+    }
+
+    fn reopen(&self, origin: Option<&Origin>) -> io::Result<OwnedFd> {
+        let Some(o) = origin else {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        };
+        let parent = o.parent.fd()?;
+        let f = super::sys::openat(
+            parent.as_raw_fd(),
+            &o.entry,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => io::Error::from_raw_os_error(libc::ESTALE),
+            _ => e,
+        })?;
+        if super::sys::fstat(f.as_raw_fd())?.st_ino != self.backing_ino {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        Ok(f)
+    }
+
+    /// A lookup found this node again as `entry` in `parent`, with `fresh` open on it:
+    /// remember the name, and take the descriptor if the node's was closed.
+    pub fn refresh(&self, fresh: OwnedFd, parent: &Arc<Node>, entry: &str) {
+        let mut fd = lock(&self.fd);
+        let mut origin = lock(&self.origin);
+        let Some(o) = origin.as_mut() else {
+            return;
+        };
+        if let Ok(entry) = CString::new(entry) {
+            o.parent = parent.clone();
+            o.entry = entry;
+        }
+        if fd.is_none() {
+            *fd = Some(Arc::new(fresh));
+            if let Some(b) = &self.budget {
+                b.open.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The raw descriptor of a directory node (directories never close theirs). For any
+    /// other node use `fd()`, which keeps the descriptor alive while it is used; here a
+    /// non-directory yields -1, so a mistaken use fails with EBADF.
     pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        if self.kind != FileType::Directory {
+            return -1;
+        }
+        lock(&self.fd).as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// The entry was renamed: it is now `entry` in `parent`.
+    pub fn moved(&self, parent: &Arc<Node>, entry: &str) {
+        let mut o = lock(&self.origin);
+        if let Some(o) = o.as_mut()
+            && let Ok(entry) = CString::new(entry)
+        {
+            o.parent = parent.clone();
+            o.entry = entry;
+        }
+    }
+
+    /// From now on the node keeps its descriptor: it is about to gain a name (a closable
+    /// node must be findable by one name) or lose its last one (the open descriptor keeps
+    /// the inode, and so its number, from being reused while the kernel knows the node).
+    /// `fresh`, if given, is a descriptor just opened on the same inode.
+    pub fn pin(&self, fresh: Option<OwnedFd>) -> io::Result<()> {
+        let mut fd = lock(&self.fd);
+        let mut origin = lock(&self.origin);
+        if origin.is_none() {
+            return Ok(());
+        }
+        match fd.as_ref() {
+            Some(_) => {
+                // It leaves the budget with its descriptor.
+                if let Some(b) = &self.budget {
+                    b.open.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                let f = match fresh {
+                    Some(f) => f,
+                    None => self.reopen(origin.as_ref())?,
+                };
+                *fd = Some(Arc::new(f));
+            }
+        }
+        *origin = None;
+        Ok(())
+    }
+
+    /// Close the descriptor if nothing uses it. True if it was closed.
+    fn close_if_idle(&self) -> bool {
+        // Lock order everywhere: fd, then origin (then the parent's).
+        let mut fd = lock(&self.fd);
+        if lock(&self.origin).is_none() {
+            return false;
+        }
+        match fd.as_ref() {
+            Some(f) if Arc::strong_count(f) == 1 => {
+                *fd = None;
+                if let Some(b) = &self.budget {
+                    b.open.fetch_sub(1, Ordering::Relaxed);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let has_fd = lock(&self.fd).is_some();
+        let closable = lock(&self.origin).is_some();
+        if has_fd
+            && closable
+            && let Some(b) = &self.budget
+        {
+            b.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -47,6 +276,8 @@ impl Node {
 #[derive(Default)]
 pub struct NodeTable {
     map: HashMap<u64, (Arc<Node>, u64)>,
+    tick: u64,
+    budget: Arc<FdBudget>,
 }
 
 impl NodeTable {
@@ -60,7 +291,60 @@ impl NodeTable {
     pub fn reference(&mut self, ino: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
         let e = self.map.entry(ino).or_insert_with(|| (Arc::new(make()), 0));
         e.1 += 1;
-        e.0.clone()
+        self.tick += 1;
+        e.0.used.store(self.tick, Ordering::Relaxed);
+        let node = e.0.clone();
+        self.trim_if_over();
+        node
+    }
+
+    /// Close idle descriptors if closable nodes hold more than the budget allows (nodes
+    /// reopen theirs on use, so call this often: on every lookup and node fetch).
+    pub fn trim_if_over(&mut self) {
+        if self.budget.open() > self.budget.high {
+            self.trim();
+        }
+    }
+
+    /// The descriptor budget closable nodes count against.
+    pub fn budget(&self) -> Arc<FdBudget> {
+        self.budget.clone()
+    }
+
+    /// Size the descriptor budget for a process limit of `fd_limit`.
+    pub fn set_fd_limit(&mut self, fd_limit: u64) {
+        let b = FdBudget::for_limit(fd_limit);
+        b.open.store(self.budget.open(), Ordering::Relaxed);
+        // Nodes already made keep counting against the old budget object; only the root
+        // exists when this is called, and it is not closable.
+        self.budget = Arc::new(b);
+    }
+
+    /// Close the descriptors of the least recently looked-up idle closable nodes until
+    /// the budget is back at its low mark.
+    fn trim(&mut self) {
+        let excess = self.budget.open().saturating_sub(self.budget.low);
+        let mut idle: Vec<(u64, &Arc<Node>)> = self
+            .map
+            .values()
+            .filter(|(n, _)| Arc::strong_count(n) == 1 && n.budget.is_some())
+            .map(|(n, _)| (n.used.load(Ordering::Relaxed), n))
+            .collect();
+        idle.sort_unstable_by_key(|(used, _)| *used);
+        let mut closed = 0;
+        for (_, n) in idle {
+            if closed >= excess {
+                break;
+            }
+            if n.close_if_idle() {
+                closed += 1;
+            }
+        }
+        log::debug!(
+            "closed {closed} idle node descriptors ({} open, budget {})",
+            self.budget.open(),
+            self.budget.high
+        );
     }
 
     /// Insert the root with a reference count that never drops to zero.
