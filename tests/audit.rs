@@ -7,78 +7,24 @@ use common::*;
 use serde_json::Value;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-const BOUND: Duration = Duration::from_secs(15);
-
-/// Every line of every log file in `dir`, oldest first, parsed.
-fn log_lines(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.retain(|p| {
-        let n = p.file_name().unwrap().to_str().unwrap();
-        n.starts_with("audit.") && n.ends_with(".log")
-    });
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn ops(lines: &[Value]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| {
-            format!(
-                "{} {}",
-                l["operation"].as_str().unwrap(),
-                l["code"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
 
 fn keystore_log(env: &Env) -> PathBuf {
     env.keystore.join("audit")
 }
 
 fn volume_id(env: &Env, path: &Path) -> String {
-    let out = env.ok(&["status", path.to_str().unwrap(), "--json"]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["volume_id"].as_str().unwrap().to_string()
+    env.status_json(path)["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn volume_log(env: &Env) -> PathBuf {
     env.audit_dir()
         .join("volumes")
         .join(volume_id(env, &env.backing))
-}
-
-fn fails(env: &Env, args: &[&str], code: i32) -> Output {
-    let o = env.run(args);
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "kekfs {args:?}: stdout {} stderr {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn read_errno(p: &Path) -> Option<i32> {
-    std::fs::read(p)
-        .err()
-        .map(|e| e.raw_os_error().unwrap_or(-1))
 }
 
 /// An RFC 3339 UTC time with milliseconds.
@@ -338,17 +284,13 @@ fn check_detects_each_kind_of_tampering_and_says_where() {
     for (name, tamper, place, what) in cases {
         let dir = copy_log(&log, &env.dir.path().join(format!("tampered-{name}")));
         rewrite(&dir, tamper);
-        let o = fails(&env, &["audit", "check", dir.to_str().unwrap()], 23);
+        let o = env.fails(&["audit", "check", dir.to_str().unwrap()], 23);
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(out.contains("TAMPERED"), "{name}: {out}");
         assert!(out.contains(place), "{name}: expected {place:?} in {out}");
         assert!(out.contains(what), "{name}: expected {what:?} in {out}");
         // JSON names the same line.
-        let o = fails(
-            &env,
-            &["audit", "check", dir.to_str().unwrap(), "--json"],
-            23,
-        );
+        let o = env.fails(&["audit", "check", dir.to_str().unwrap(), "--json"], 23);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v[0]["ok"], false, "{name}");
         assert!(!v[0]["findings"].as_array().unwrap().is_empty());
@@ -358,18 +300,17 @@ fn check_detects_each_kind_of_tampering_and_says_where() {
     rewrite(&dir, |l| {
         l.drain(..2);
     });
-    let o = fails(&env, &["audit", "check", dir.to_str().unwrap()], 23);
+    let o = env.fails(&["audit", "check", dir.to_str().unwrap()], 23);
     assert!(String::from_utf8_lossy(&o.stdout).contains("first lines were removed"));
     // Garbage never makes it panic.
     let dir = copy_log(&log, &env.dir.path().join("garbage"));
     std::fs::write(the_file(&dir), b"\x00\xff{\"seq\":\n}}}\"mac\"\n").unwrap();
-    let o = fails(&env, &["audit", "check", dir.to_str().unwrap()], 23);
+    let o = env.fails(&["audit", "check", dir.to_str().unwrap()], 23);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
     // Another key does not verify it.
     std::fs::write(env.dir.path().join("other.key"), [7u8; 32]).unwrap();
     let other = env.dir.path().join("other.key");
-    fails(
-        &env,
+    env.fails(
         &[
             "audit",
             "check",
@@ -434,7 +375,7 @@ fn rotation_keeps_the_chain_across_files() {
     // Removing a middle file is a gap; removing the oldest is only a note.
     let dir = copy_log(&log, &env.dir.path().join("gap"));
     std::fs::remove_file(dir.join(&files[1])).unwrap();
-    let o = fails(&env, &["audit", "check", dir.to_str().unwrap()], 23);
+    let o = env.fails(&["audit", "check", dir.to_str().unwrap()], 23);
     assert!(String::from_utf8_lossy(&o.stdout).contains("missing"));
     let dir = copy_log(&log, &env.dir.path().join("archived"));
     std::fs::remove_file(dir.join(&files[0])).unwrap();
@@ -456,7 +397,7 @@ fn summary_and_last_use_count_what_happened() {
     env.ok(&["key", "rotate", "k"]);
     env.ok(&["rewrap", &b, "--to", "2"]); // unwrap v1, wrap v2, unwrap v2
     env.ok(&["key", "disable", "k@1"]);
-    fails(&env, &["rewrap", &b, "--to", "1"], 13); // unwrap v2, wrap v1 refused (403)
+    env.fails(&["rewrap", &b, "--to", "1"], 13); // unwrap v2, wrap v1 refused (403)
     let rows = json_of(
         &env,
         &[
@@ -498,7 +439,7 @@ fn summary_and_last_use_count_what_happened() {
     assert!(!rows.as_array().unwrap().is_empty());
     let table = env.ok(&["audit", "summary"]);
     assert!(table.starts_with("KEYSTORE"), "{table}");
-    fails(&env, &["audit", "summary", "--by", "colour"], 2);
+    env.fails(&["audit", "summary", "--by", "colour"], 2);
 
     let lu = json_of(&env, &["audit", "last-use", "--key", "k", "--json"]);
     let row = |v: &str, caller: &str| {
@@ -778,7 +719,7 @@ fn fail_closed_mount_refuses_with_an_unwritable_volume_log() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("audit log"));
     assert!(!is_mounted(&env.mnt));
-    fails(&env, &["mount", b, mp, "-o", "audit=sometimes"], 2);
+    env.fails(&["mount", b, mp, "-o", "audit=sometimes"], 2);
     // best-effort mounts, and the keystore log still has its lines.
     let m = env.mount();
     m.unmount();

@@ -22,10 +22,6 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Run `kekfs ARGS` with the env's keystore and passphrase; never a panic.
 fn run(env: &Env, args: &[&str]) -> Output {
     let o = env.run(args);

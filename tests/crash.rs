@@ -40,24 +40,6 @@ const MAX_FILES: usize = 14;
 const MAX_VERSIONS: usize = 24;
 const DIRS: [&str; 3] = ["", "a", "b"];
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// One file of the model.
 struct FileModel {
     /// Path relative to the mountpoint.
@@ -139,15 +121,6 @@ fn fill(rng: &mut Rng, n: usize) -> Vec<u8> {
     (0..n)
         .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9).wrapping_add(seed) >> 13) as u8)
         .collect()
-}
-
-fn lock_is_free(backing: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = File::open(backing.join("kekfs.lock")) else {
-        return true;
-    };
-    // SAFETY: flock on a valid descriptor; released when `f` is closed.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 impl Harness {

@@ -74,10 +74,6 @@ fn env_on_tmpfs(test: &str, size: &str) -> Option<(Env, Tmpfs)> {
     Some((env, t))
 }
 
-fn errno_of<T>(r: io::Result<T>) -> Option<i32> {
-    r.err().and_then(|e| e.raw_os_error())
-}
-
 fn daemon_alive(m: &Mounted) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(m.pid(), 0) == 0 }
@@ -146,7 +142,7 @@ fn fill(path: &Path, limit: usize) -> Vec<u8> {
     // Closing may report the same error again; it must not be anything else.
     let r = f.sync_all();
     assert!(
-        r.is_ok() || errno_of(r) == Some(libc::ENOSPC),
+        r.is_ok() || errno(r) == Some(libc::ENOSPC),
         "fsync after ENOSPC"
     );
     data
@@ -189,14 +185,14 @@ fn full_backing_store_enospc_then_recovers() {
                     "create when full: {e}"
                 );
                 assert_eq!(
-                    errno_of(std::fs::metadata(m.p("new-when-full"))),
+                    errno(std::fs::metadata(m.p("new-when-full"))),
                     Some(libc::ENOENT),
                     "a create that failed left a file behind"
                 );
             }
             Ok(mut f) => {
                 let r = f.write_all(&want).and_then(|()| f.sync_all());
-                assert_eq!(errno_of(r), Some(libc::ENOSPC), "write when full");
+                assert_eq!(errno(r), Some(libc::ENOSPC), "write when full");
                 drop(f);
                 assert_blocks_authentic(&m.p("new-when-full"), &want, true);
             }
@@ -206,7 +202,7 @@ fn full_backing_store_enospc_then_recovers() {
             std::fs::read_dir(m.p("dir-when-full")).map(|_| ())
         });
         assert!(
-            r.is_ok() || errno_of(r) == Some(libc::ENOSPC),
+            r.is_ok() || errno(r) == Some(libc::ENOSPC),
             "mkdir when full"
         );
         // Every block of the big file reads back as written, or fails with EIO.
@@ -418,26 +414,6 @@ fn symlink(target: &[u8], link: &Path) -> io::Result<()> {
     }
 }
 
-fn setxattr(p: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and value buffer.
-    let r = unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 #[test]
 fn names_targets_and_xattrs_at_their_limits() {
     let Some(env) = Env::new("names_targets_and_xattrs_at_their_limits") else {
@@ -453,12 +429,12 @@ fn names_targets_and_xattrs_at_their_limits() {
     symlink(b"target", &m.p(&format!("s{}", &n255[1..]))).unwrap();
     std::fs::hard_link(m.p(&n255), m.p(&format!("h{}", &n255[1..]))).unwrap();
     let too_long = [
-        errno_of(File::create(m.p(&n256))),
-        errno_of(std::fs::create_dir(m.p(&n256))),
-        errno_of(symlink(b"t", &m.p(&n256))),
-        errno_of(std::fs::hard_link(m.p(&n255), m.p(&n256))),
-        errno_of(std::fs::rename(m.p(&n255), m.p(&n256))),
-        errno_of(std::fs::metadata(m.p(&n256))),
+        errno(File::create(m.p(&n256))),
+        errno(std::fs::create_dir(m.p(&n256))),
+        errno(symlink(b"t", &m.p(&n256))),
+        errno(std::fs::hard_link(m.p(&n255), m.p(&n256))),
+        errno(std::fs::rename(m.p(&n255), m.p(&n256))),
+        errno(std::fs::metadata(m.p(&n256))),
     ];
     assert_eq!(too_long, [Some(libc::ENAMETOOLONG); 6]);
     assert_eq!(std::fs::read(m.p(&n255)).unwrap(), b"255");
@@ -481,10 +457,10 @@ fn names_targets_and_xattrs_at_their_limits() {
     );
     for n in [3044, 4095, 4096, 5000] {
         let name = format!("link{n}");
-        let e = errno_of(symlink(&vec![b'b'; n], &m.p(&name)));
+        let e = errno(symlink(&vec![b'b'; n], &m.p(&name)));
         assert_eq!(e, Some(libc::ENAMETOOLONG), "target of {n} bytes");
         assert_eq!(
-            errno_of(std::fs::symlink_metadata(m.p(&name))),
+            errno(std::fs::symlink_metadata(m.p(&name))),
             Some(libc::ENOENT),
             "a failed symlink left an entry"
         );
@@ -496,20 +472,20 @@ fn names_targets_and_xattrs_at_their_limits() {
     // values up to the backing fs's limit less 28 bytes of nonce and tag (E2BIG or ENOSPC
     // beyond).
     let f = m.p(&n255);
-    setxattr(&f, "user.short", b"v").unwrap();
+    setxattr(&f, "user.short", b"v", 0).unwrap();
     let name_ok = format!("user.{}", "x".repeat(167));
-    setxattr(&f, &name_ok, b"v").unwrap();
+    setxattr(&f, &name_ok, b"v", 0).unwrap();
     let name_long = format!("user.{}", "x".repeat(168));
-    assert_eq!(errno_of(setxattr(&f, &name_long, b"v")), Some(libc::ERANGE));
+    assert_eq!(errno(setxattr(&f, &name_long, b"v", 0)), Some(libc::ERANGE));
     let name_kernel = format!("user.{}", "x".repeat(251));
     assert_eq!(
-        errno_of(setxattr(&f, &name_kernel, b"v")),
+        errno(setxattr(&f, &name_kernel, b"v", 0)),
         Some(libc::ERANGE)
     );
-    let r = setxattr(&f, "user.big", &vec![7u8; 65536]);
+    let r = setxattr(&f, "user.big", &vec![7u8; 65536], 0);
     assert!(
         matches!(
-            errno_of(r),
+            errno(r),
             Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ERANGE)
         ),
         "a 64 KiB xattr value"

@@ -15,16 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-const BOUND: Duration = Duration::from_secs(15);
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn assert_ok(o: &Output, what: &str) {
     assert!(
         o.status.success(),
@@ -33,16 +23,6 @@ fn assert_ok(o: &Output, what: &str) {
         String::from_utf8_lossy(&o.stdout),
         stderr(o)
     );
-}
-
-/// Is the volume lock of `backing` free (no live daemon holds it)?
-fn lock_is_free(backing: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::File::open(backing.join("kekfs.lock")) else {
-        return true;
-    };
-    // SAFETY: flock on a valid descriptor; released when `f` is closed.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Has process `pid` exited (gone, or a zombie nobody reaped yet)?
@@ -54,16 +34,6 @@ fn process_gone(pid: i32) -> bool {
             .and_then(|(_, rest)| rest.trim_start().chars().next())
             .is_none_or(|st| st == 'Z' || st == 'X'),
     }
-}
-
-/// Daemon pid recorded in the lock file.
-fn lock_pid(backing: &Path) -> i32 {
-    std::fs::read_to_string(backing.join("kekfs.lock"))
-        .expect("lock file")
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("pid in lock file")
 }
 
 /// The mount table's option string for `mnt`.
@@ -107,8 +77,7 @@ fn fstab_opts(env: &Env, extra: &str) -> String {
 }
 
 fn status_file(env: &Env) -> PathBuf {
-    let out = env.ok(&["status", env.backing.to_str().unwrap(), "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = env.status_json(&env.backing);
     runtime_dir(env).join(format!("{}.json", v["volume_id"].as_str().unwrap()))
 }
 
@@ -152,10 +121,7 @@ fn argv_form_mounts_and_umount_stops_the_daemon() {
         is_mounted(&env.mnt),
         "kekfs exited 0 but nothing is mounted"
     );
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     let opts = mount_options(&env.mnt);
     assert!(opts.contains("allow_other"), "{opts}");
     assert!(
@@ -223,10 +189,7 @@ fn mount_fuse3_available(test: &str) -> Option<PathBuf> {
             return Some(PathBuf::from(p));
         }
     }
-    if in_ci() {
-        panic!("{test}: mount.fuse3 (package fuse3) is missing, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: mount.fuse3 is not installed");
+    skip(test, "mount.fuse3 (package fuse3) is not installed");
     None
 }
 
@@ -268,10 +231,7 @@ fn mount_fuse3_runs_kekfs_from_path() {
         is_mounted(&env.mnt),
         "mount.fuse3 exited 0, nothing mounted"
     );
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     let opts = mount_options(&env.mnt);
     assert!(
         opts.contains("nodev") && opts.contains("nosuid"),
@@ -295,10 +255,7 @@ fn mount_fuse3_runs_kekfs_from_path() {
         .output()
         .unwrap();
     assert_ok(&o, "mount.fuse3 ro");
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     assert!(mount_options(&env.mnt).starts_with("ro"));
     assert_eq!(std::fs::read(m.p("g")).unwrap(), b"via mount.fuse3");
     let e = std::fs::write(m.p("h"), b"x").unwrap_err();
@@ -354,10 +311,7 @@ fn install_helper_and_mount_kekfs_helper_form() {
     let o = helper_run(&["-n", "-s"]);
     assert_ok(&o, "mount.kekfs");
     assert!(is_mounted(&env.mnt));
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     std::fs::write(m.p("x"), b"helper").unwrap();
     m.unmount();
 
@@ -420,11 +374,10 @@ fn system_mount_command_and_fstab_line() {
         if std::fs::symlink_metadata(p).is_ok()
             && std::fs::canonicalize(p).ok().as_deref() != Some(exe.as_path())
         {
-            let why = format!("{p} exists and is another kekfs; not replacing it");
-            if in_ci() {
-                panic!("{TEST}: {why}");
-            }
-            eprintln!("SKIPPED {TEST}: {why}");
+            skip(
+                TEST,
+                &format!("{p} exists and is another kekfs; not replacing it"),
+            );
             return;
         }
     }
@@ -433,10 +386,7 @@ fn system_mount_command_and_fstab_line() {
     let _installed = SystemInstall;
     assert_ok(&o, "kekfs install-helper");
 
-    let mounted = || Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let mounted = || env.guard();
     let umount = |what: &str| {
         let pid = lock_pid(&env.backing);
         let status = status_file(&env);
@@ -533,15 +483,10 @@ fn lazy_unmount_then_remount() {
     assert!(!process_gone(pid), "daemon exited while a file was open");
     assert!(!lock_is_free(&env.backing));
     // Meanwhile the volume cannot be mounted again: the detached daemon still owns it.
-    let o = env.run(&[
-        "mount",
-        env.backing.to_str().unwrap(),
-        env.mnt.to_str().unwrap(),
-    ]);
-    if is_mounted(&env.mnt) {
-        force_unmount(&env.mnt);
-        panic!("a second mount succeeded while the detached daemon still served");
-    }
+    let o = env.mount_refused(
+        &env.mnt,
+        "a second mount succeeded while the detached daemon still served",
+    );
     assert_eq!(o.status.code(), Some(16), "{}", stderr(&o));
     drop(held);
     assert!(
@@ -634,10 +579,7 @@ fn foreground_mount_notifies_systemd_and_stops_on_sigterm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     let mut buf = [0u8; 256];
     let n = match sock.recv(&mut buf) {
         Ok(n) => n,
@@ -739,15 +681,8 @@ fn systemd_unit_examples_are_valid() {
 
     // systemd's own checker, with ExecStart pointing at the built binary (verify checks
     // that the executable exists).
-    let have = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        if in_ci() {
-            panic!("systemd-analyze is missing, and CI=true forbids skipping");
-        }
-        eprintln!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
+    if !tool_ok("systemd-analyze") {
+        skip("systemd-analyze verify", "systemd-analyze is not installed");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

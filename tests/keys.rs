@@ -22,15 +22,9 @@ fn setup() -> Env {
 }
 
 /// Run `kekfs ARGS`, assert it exits with `code`, return stderr.
+#[track_caller]
 fn fails(env: &Env, args: &[&str], code: i32) -> String {
-    let o = env.run(args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "kekfs {args:?}: expected exit {code}\nstdout: {}\nstderr: {err}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    let err = stderr(&env.fails(args, code));
     assert!(err.starts_with("kekfs: ") || code == USAGE, "{err}");
     err
 }

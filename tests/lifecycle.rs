@@ -4,37 +4,10 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
 use std::time::Duration;
 
-const POLL: &str = "poll=300ms";
-/// Generous bound for "within one poll interval": the machine is shared and noisy.
-const BOUND: Duration = Duration::from_secs(15);
-
-fn read_errno(p: &Path) -> Option<i32> {
-    match std::fs::read(p) {
-        Ok(_) => None,
-        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
-    }
-}
-
-fn handle_errno(f: &mut std::fs::File) -> Option<i32> {
-    let mut buf = Vec::new();
-    f.seek(SeekFrom::Start(0)).unwrap();
-    match f.read_to_end(&mut buf) {
-        Ok(_) => None,
-        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
-    }
-}
-
-fn status_json(env: &Env) -> serde_json::Value {
-    let out = env.ok(&["status", env.mnt.to_str().unwrap(), "--json"]);
-    serde_json::from_str(&out).expect("status json")
-}
-
 fn key_state(env: &Env) -> String {
-    status_json(env)["key_state"]["state"]
+    env.status_json(&env.mnt)["key_state"]["state"]
         .as_str()
         .unwrap_or("")
         .to_string()
@@ -267,17 +240,6 @@ fn transient_failure_past_grace_makes_volume_unavailable() {
     m.unmount();
 }
 
-fn versions(env: &Env, path: &Path) -> Vec<u64> {
-    let out = env.ok(&["status", path.to_str().unwrap(), "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["wrapped_by_versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
-
 #[test]
 fn latest_follows_rotation_online_pinned_stays() {
     let Some(env) = Env::new("latest_follows_rotation_online_pinned_stays") else {
@@ -295,12 +257,12 @@ fn latest_follows_rotation_online_pinned_stays() {
     std::fs::write(m.p("f"), b"latest").unwrap();
     env.ok(&["key", "rotate", "k"]);
     assert!(
-        wait_for(BOUND, || versions(&env, &env.mnt) == [2, 1]),
+        wait_for(BOUND, || env.wrapped_by(&env.mnt) == [2, 1]),
         "mounted volume following latest did not rewrap: {:?}",
-        versions(&env, &env.mnt)
+        env.wrapped_by(&env.mnt)
     );
     assert_eq!(
-        versions(&env, &pinned),
+        env.wrapped_by(&pinned),
         [1, 1],
         "a pinned volume must keep its version"
     );
@@ -349,7 +311,7 @@ fn rewrap_online_under_a_writer_then_disable_old_version() {
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let n = writer.join().expect("writer never failed");
-    assert_eq!(versions(&env, &env.mnt), [2, 1]);
+    assert_eq!(env.wrapped_by(&env.mnt), [2, 1]);
     env.ok(&["key", "disable", "k@1"]);
     std::thread::sleep(Duration::from_millis(900));
     let text = std::fs::read_to_string(&path).unwrap();
@@ -400,7 +362,7 @@ fn rewrap_to_another_kek_online_keeps_serving() {
     let m = env.mount_with(&[POLL]);
     std::fs::write(m.p("f"), b"moves keys").unwrap();
     env.ok(&["rewrap", env.mnt.to_str().unwrap(), "--to-kek", "soft:k2"]);
-    let st = status_json(&env);
+    let st = env.status_json(&env.mnt);
     assert_eq!(st["kek"], "soft:k2");
     // The old KEK can go; the mounted volume now answers to k2 only.
     env.ok(&["key", "disable", "k"]);

@@ -8,25 +8,13 @@
 //! message, unless CI=true: then they fail.
 
 mod common;
+use common::softhsm::*;
 use common::*;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
-
-const PIN: &str = "4321";
-const SO_PIN: &str = "87654321";
-/// Generous bound for "within one poll interval" (300 ms polls) on a shared machine.
-const BOUND: Duration = Duration::from_secs(15);
-
-const SOFTHSM: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib64/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-];
 
 const CLIENT: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
@@ -35,35 +23,19 @@ const CLIENT: &[&str] = &[
     "/usr/lib/pkcs11/p11-kit-client.so",
 ];
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn first_file(paths: &[&'static str]) -> Option<&'static str> {
-    paths.iter().copied().find(|p| Path::new(p).is_file())
-}
-
 /// SoftHSM2 and the client module, if everything the tests need is installed.
 fn tools(test: &str) -> Option<(&'static str, &'static str)> {
     let server = Command::new("p11-kit")
         .args(["server", "--help"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--provider"));
-    let util = Command::new("softhsm2-util")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let why = match (first_file(SOFTHSM), first_file(CLIENT)) {
-        (Some(_), _) if !util => "SoftHSM2 is not installed (apt-get install softhsm2)",
+    let why = match (softhsm_installed(), first_file(CLIENT)) {
         (None, _) => "SoftHSM2 is not installed (apt-get install softhsm2)",
         _ if !server => "`p11-kit server` is missing (apt-get install p11-kit)",
         (_, None) => "p11-kit-client.so is missing (apt-get install p11-kit-modules)",
         (Some(s), Some(c)) => return Some((s, c)),
     };
-    if in_ci() {
-        panic!("{test}: {why}, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {why}");
+    skip(test, why);
     None
 }
 
@@ -81,22 +53,10 @@ struct Remote {
 impl Remote {
     /// A token `kekfs` in `env.dir/hsm`, served on `env.dir/p11.sock`.
     fn new(env: &Env, softhsm: &'static str, client: &'static str) -> Remote {
-        let dir = env.dir.path().join("hsm");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/softhsm-setup.sh");
-        let o = Command::new("bash")
-            .arg(script)
-            .arg(&dir)
-            .args(["kekfs", SO_PIN, PIN])
-            .output()
-            .expect("run softhsm-setup.sh");
-        assert!(
-            o.status.success(),
-            "softhsm-setup.sh: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let t = softhsm_setup(&env.dir.path().join("hsm"), "kekfs", SO_PIN, PIN);
         let mut r = Remote {
-            conf: dir.join("softhsm2.conf"),
-            pinfile: dir.join("pin"),
+            conf: t.conf,
+            pinfile: t.pinfile,
             socket: env.dir.path().join("p11.sock"),
             softhsm,
             client,
@@ -190,15 +150,7 @@ impl Remote {
     }
 
     fn ok(&self, env: &Env, args: &[&str]) -> String {
-        let o = self.run(env, args);
-        assert!(
-            o.status.success(),
-            "kekfs {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        check_ok(args, self.run(env, args))
     }
 
     /// Key, volume and mount with `opts`; the guard unmounts on drop.
@@ -208,24 +160,9 @@ impl Remote {
         // p11-kit 0.24 passes no AES key-wrap mechanism through: kekfs makes an RSA key.
         assert!(out.contains("created RSA-3072 key"), "{out}");
         self.ok(env, &["init", env.backing.to_str().unwrap(), "--kek", &uri]);
-        let mut args: Vec<String> = vec![
-            "mount".into(),
-            env.backing.display().to_string(),
-            env.mnt.display().to_string(),
-            "--log".into(),
-            env.dir.path().join("daemon.log").display().to_string(),
-        ];
-        for o in opts {
-            args.push("-o".into());
-            args.push((*o).into());
-        }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.ok(env, &refs);
-        assert!(is_mounted(&env.mnt), "nothing mounted");
-        Mounted {
-            mnt: env.mnt.clone(),
-            backing: env.backing.clone(),
-        }
+        env.mount_by(opts, |args| {
+            self.ok(env, args);
+        })
     }
 
     fn key_state(&self, env: &Env) -> String {
@@ -261,13 +198,6 @@ fn children_of(ppid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-fn read_errno(p: &Path) -> Option<i32> {
-    match std::fs::read(p) {
-        Ok(_) => None,
-        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
-    }
 }
 
 fn setup(test: &str) -> Option<(Env, Remote)> {
@@ -336,10 +266,7 @@ fn p11kit_init_mount_read_write_and_lifecycle() {
         "remount: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     assert_eq!(std::fs::read(m.p("big")).unwrap(), vec![0x5au8; 200_000]);
     m.unmount();
 }

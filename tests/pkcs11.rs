@@ -7,6 +7,7 @@
 //! Without SoftHSM2 the tests are skipped with a message, unless CI=true: then they fail.
 
 mod common;
+use common::softhsm::*;
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -17,45 +18,6 @@ use std::time::Duration;
 const HELPER_ENV: &str = "KEKFS_P11_TEST_HELPER";
 const HELPER_PIN_ENV: &str = "KEKFS_P11_TEST_HELPER_PIN";
 const HELPER_MODULE_ENV: &str = "KEKFS_P11_TEST_HELPER_MODULE";
-
-const PIN: &str = "4321";
-const SO_PIN: &str = "87654321";
-
-const MODULES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib64/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-];
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// The SoftHSM2 module, or `None` (test skipped; a failure under CI=true).
-fn softhsm(test: &str) -> Option<&'static str> {
-    let module = MODULES.iter().copied().find(|m| Path::new(m).is_file());
-    let util = Command::new("softhsm2-util")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    match module {
-        Some(m) if util => Some(m),
-        _ => {
-            let why = "SoftHSM2 is not installed (apt-get install softhsm2)";
-            if in_ci() {
-                panic!("{test}: {why}, and CI=true forbids skipping");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            None
-        }
-    }
-}
-
-fn setup_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/softhsm-setup.sh")
-}
 
 /// A private SoftHSM2 token directory (one or more tokens).
 struct Hsm {
@@ -68,34 +30,17 @@ struct Hsm {
 impl Hsm {
     /// A new token directory `env.dir/NAME` with one token labelled `token`.
     fn new(env: &Env, module: &'static str, name: &str, token: &str) -> Hsm {
-        let dir = env.dir.path().join(name);
-        let o = Command::new("bash")
-            .arg(setup_script())
-            .arg(&dir)
-            .args([token, SO_PIN, PIN])
-            .output()
-            .expect("run softhsm-setup.sh");
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "softhsm-setup.sh failed: {}{}",
-            out,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let conf = dir.join("softhsm2.conf");
+        let t = softhsm_setup(&env.dir.path().join(name), token, SO_PIN, PIN);
         assert_eq!(
-            out.trim(),
-            format!("export SOFTHSM2_CONF={}", conf.display()),
+            t.stdout.trim(),
+            format!("export SOFTHSM2_CONF={}", t.conf.display()),
             "setup prints the export line"
         );
-        assert!(conf.is_file());
-        assert_eq!(
-            std::fs::read_to_string(dir.join("pin")).unwrap().trim(),
-            PIN
-        );
+        assert!(t.conf.is_file());
+        assert_eq!(std::fs::read_to_string(&t.pinfile).unwrap().trim(), PIN);
         Hsm {
-            conf,
-            pinfile: dir.join("pin"),
+            conf: t.conf,
+            pinfile: t.pinfile,
             module,
             token: token.to_string(),
         }
@@ -162,27 +107,9 @@ impl Hsm {
 
     /// `kekfs mount` (with SOFTHSM2_CONF, so the daemon has it too); unmounted on drop.
     fn mount(&self, env: &Env, opts: &[&str]) -> Mounted {
-        let mut args: Vec<String> = vec![
-            "mount".into(),
-            env.backing.display().to_string(),
-            env.mnt.display().to_string(),
-            "--log".into(),
-            env.dir.path().join("daemon.log").display().to_string(),
-        ];
-        for o in opts {
-            args.push("-o".into());
-            args.push((*o).into());
-        }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.ok(env, &refs);
-        assert!(
-            is_mounted(&env.mnt),
-            "mount returned 0 but nothing is mounted"
-        );
-        Mounted {
-            mnt: env.mnt.clone(),
-            backing: env.backing.clone(),
-        }
+        env.mount_by(opts, |args| {
+            self.ok(env, args);
+        })
     }
 
     fn mount_fails(&self, env: &Env) -> Output {
@@ -203,21 +130,6 @@ impl Hsm {
     }
 }
 
-fn check_ok(args: &[&str], o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "kekfs {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Assert the command failed with `code` and its message contains every `needle`.
 fn assert_fails(o: &Output, code: i32, needles: &[&str]) {
     let err = stderr(o);
@@ -233,12 +145,7 @@ fn status_json(hsm: &Hsm, env: &Env, path: &Path) -> serde_json::Value {
 }
 
 fn wrapped_by(hsm: &Hsm, env: &Env, path: &Path) -> Vec<u64> {
-    status_json(hsm, env, path)["wrapped_by_versions"]
-        .as_array()
-        .expect("wrapped_by_versions")
-        .iter()
-        .map(|v| v.as_u64().expect("version"))
-        .collect()
+    wrapped_by_versions(&status_json(hsm, env, path))
 }
 
 /// The mechanism ids recorded in the volume header's slots.
@@ -798,28 +705,6 @@ fn token_module_and_uri_errors_are_distinct() {
 
 // ----------------------------------------------------------------------------------------
 // Token key lifecycle from the CLI, and what a mounted volume does about it.
-
-/// Bound for "within one poll interval" (300 ms polls): generous, the machine is shared.
-const BOUND: Duration = Duration::from_secs(15);
-
-fn read_errno(p: &Path) -> Option<i32> {
-    match std::fs::read(p) {
-        Ok(_) => None,
-        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
-    }
-}
-
-fn handle_errno(f: &mut std::fs::File) -> Option<i32> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut buf = Vec::new();
-    if let Err(e) = f.seek(SeekFrom::Start(0)) {
-        return Some(e.raw_os_error().unwrap_or(-1));
-    }
-    match f.read_to_end(&mut buf) {
-        Ok(_) => None,
-        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
-    }
-}
 
 /// `key_state` of the mounted volume (`state`, and `cause` when revoked).
 fn key_state(hsm: &Hsm, env: &Env) -> (String, String) {

@@ -152,42 +152,6 @@ fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
     }
 }
 
-fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
-    let (cp, cn) = (c(p), CString::new(name).unwrap());
-    // SAFETY: valid C strings; value pointer/length describe `value`.
-    let r = unsafe {
-        libc::setxattr(
-            cp.as_ptr(),
-            cn.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn getxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (cp, cn) = (c(p), CString::new(name).unwrap());
-    // SAFETY: size query with a null buffer.
-    let n = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; n as usize];
-    // SAFETY: buffer pointer/length describe `buf`.
-    let m = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if m < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(m as usize);
-    Ok(buf)
-}
-
 fn listxattr(p: &Path) -> io::Result<Vec<String>> {
     let cp = c(p);
     // SAFETY: size query with a null buffer.
@@ -1900,21 +1864,6 @@ fn sparse_file_past_4gib() {
 // ---------------------------------------------------------------------------------------
 // fio verification
 // ---------------------------------------------------------------------------------------
-
-fn fio_available(test: &str) -> bool {
-    if Command::new("fio")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: fio is missing, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: fio is not installed");
-    false
-}
 
 fn run_fio(env: &Env, m: &Mounted, args: &[&str]) {
     let out = Command::new("fio")

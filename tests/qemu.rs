@@ -16,21 +16,7 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-const POLL: &str = "poll=300ms";
-/// Generous bound for "within one poll interval" on a shared, noisy machine.
-const BOUND: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn tool_ok(name: &str) -> bool {
-    Command::new(name)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 /// An env with a volume, or `None` when FUSE or the qemu tools are unavailable.
 fn setup(test: &str) -> Option<Env> {
@@ -39,12 +25,10 @@ fn setup(test: &str) -> Option<Env> {
         .filter(|t| !tool_ok(t))
         .collect();
     if !missing.is_empty() {
-        if in_ci() {
-            panic!(
-                "{test}: {missing:?} missing (package qemu-utils), and CI=true forbids skipping"
-            );
-        }
-        eprintln!("SKIPPED {test}: {missing:?} not installed (package qemu-utils)");
+        skip(
+            test,
+            &format!("{missing:?} not installed (package qemu-utils)"),
+        );
         return None;
     }
     let env = Env::new(test)?;
@@ -849,27 +833,6 @@ fn o_direct_writes_survive_a_killed_daemon() {
         ],
     );
     m.unmount();
-}
-
-/// Is the volume lock of `backing` free (no live daemon holds it)?
-fn lock_is_free(backing: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::File::open(backing.join("kekfs.lock")) else {
-        return true;
-    };
-    // SAFETY: flock on a valid descriptor; released when `f` is closed.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
-fn fio_available(test: &str) -> bool {
-    if tool_ok("fio") {
-        return true;
-    }
-    if in_ci() {
-        panic!("{test}: fio is missing, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: fio is not installed");
-    false
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! descriptor limit; the keystore's file permissions are checked when it is opened.
 
 mod common;
+use common::softhsm::{softhsm, softhsm_setup};
 use common::*;
 
 use base64::Engine as _;
@@ -121,14 +122,8 @@ fn kekfs(env: &Env) -> Command {
 
 /// `kekfs` with this env's keystore and runtime dir but no passphrase source.
 fn bare(env: &Env) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--keystore")
-        .arg(&env.keystore)
-        .env_remove("KEKFS_PASSPHRASE")
-        .env_remove("KEKFS_PASSFILE")
-        .env_remove("KEKFS_KEYSTORE")
-        .env("KEKFS_AUDIT_DIR", env.audit_dir())
-        .env("KEKFS_RUNTIME_DIR", runtime_dir(env));
+    let mut c = env.kekfs_no_passphrase();
+    c.env("KEKFS_RUNTIME_DIR", runtime_dir(env));
     c
 }
 
@@ -139,14 +134,7 @@ fn with_args(mut c: Command, args: &[&str]) -> Command {
 
 fn mount_cmd(env: &Env, extra: &[&str]) -> Command {
     let mut c = kekfs(env);
-    c.arg("mount")
-        .arg(&env.backing)
-        .arg(&env.mnt)
-        .arg("--log")
-        .arg(env.dir.path().join("daemon.log"));
-    for o in extra {
-        c.args(["-o", o]);
-    }
+    c.args(env.mount_args(extra));
     c
 }
 
@@ -156,10 +144,6 @@ fn status_json(t: &mut Transcript, env: &Env) -> serde_json::Value {
         "status --json",
     );
     serde_json::from_str(&out).expect("status JSON")
-}
-
-fn read_errno(p: &Path) -> Option<i32> {
-    std::fs::read(p).err().and_then(|e| e.raw_os_error())
 }
 
 /// A full soft: run with a known passphrase: keystore and key lifecycle, init, mount, I/O,
@@ -194,10 +178,7 @@ fn no_passphrase_or_key_in_any_output_log_or_status() {
         "init",
     );
     t.ok(mount_cmd(&env, &["poll=200ms"]), "mount");
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     std::fs::write(m.p("file"), b"some plaintext").unwrap();
     std::fs::create_dir(m.p("dir")).unwrap();
     std::fs::write(m.p("dir/other"), vec![7u8; 10000]).unwrap();
@@ -336,36 +317,6 @@ fn no_passphrase_or_key_in_any_output_log_or_status() {
 // PKCS#11: the token PIN
 // ---------------------------------------------------------------------------------------
 
-const SOFTHSM_MODULES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib64/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-];
-
-fn softhsm(test: &str) -> Option<&'static str> {
-    let module = SOFTHSM_MODULES
-        .iter()
-        .copied()
-        .find(|m| Path::new(m).is_file());
-    let util = Command::new("softhsm2-util")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    match module {
-        Some(m) if util => Some(m),
-        _ => {
-            let why = "SoftHSM2 is not installed (apt-get install softhsm2)";
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("{test}: {why}, and CI=true forbids skipping");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            None
-        }
-    }
-}
-
 #[test]
 fn no_token_pin_in_any_output_log_or_status() {
     let Some(module) = softhsm("no_token_pin_in_any_output_log_or_status") else {
@@ -374,16 +325,13 @@ fn no_token_pin_in_any_output_log_or_status() {
     let Some(env) = Env::new("no_token_pin_in_any_output_log_or_status") else {
         return;
     };
-    let hsm = env.dir.path().join("hsm");
-    let o = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/softhsm-setup.sh"))
-        .arg(&hsm)
-        .args(["kekfs", "so-pin-canary-771", PIN])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
-    let conf = hsm.join("softhsm2.conf");
-    let pinfile = hsm.join("pin");
+    let token = softhsm_setup(
+        &env.dir.path().join("hsm"),
+        "kekfs",
+        "so-pin-canary-771",
+        PIN,
+    );
+    let (conf, pinfile) = (token.conf, token.pinfile);
     let uri = format!(
         "pkcs11:token=kekfs;object=vol-kek?module-path={module}&pin-source=file:{}",
         pinfile.display()
@@ -402,10 +350,7 @@ fn no_token_pin_in_any_output_log_or_status() {
     let mut c = mount_cmd(&env, &["poll=200ms"]);
     c.env("SOFTHSM2_CONF", &conf);
     t.ok(c, "mount");
-    let m = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let m = env.guard();
     std::fs::write(m.p("f"), b"token-protected").unwrap();
     let mut c = p11(&["status", env.mnt.to_str().unwrap(), "--json"]);
     c.env("SOFTHSM2_CONF", &conf);

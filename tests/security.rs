@@ -4,6 +4,7 @@
 //! a killed daemon, and a volume cannot be mounted twice.
 
 mod common;
+use common::tamper::*;
 use common::*;
 
 use std::ffi::CString;
@@ -13,92 +14,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
-
-/// Plaintext bytes per block.
-const BLOCK: usize = 4096;
-/// Content file header length.
-const HEADER: u64 = 24;
-/// Ciphertext bytes of a full block (nonce ‖ ciphertext ‖ tag).
-const CT_BLOCK: u64 = 12 + 4096 + 16;
-
-/// Offset of block `i` in a content file.
-fn block_off(i: u64) -> u64 {
-    HEADER + i * CT_BLOCK
-}
-
-/// Distinctive content: every block differs from every other block and from other seeds.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|j| {
-            let blk = (j / BLOCK) as u8;
-            (j as u8)
-                .wrapping_mul(31)
-                .wrapping_add(blk.wrapping_mul(101))
-                .wrapping_add(seed.wrapping_mul(53))
-                ^ 0x5a
-        })
-        .collect()
-}
-
-/// Read up to `len` bytes at `off` through the mount (a fresh open each time).
-fn read_range(path: &Path, off: u64, len: usize) -> io::Result<Vec<u8>> {
-    let f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(done);
-    Ok(buf)
-}
-
-#[track_caller]
-fn assert_eio<T: std::fmt::Debug>(r: io::Result<T>, what: &str) {
-    match r {
-        Err(e) => assert_eq!(
-            e.raw_os_error(),
-            Some(libc::EIO),
-            "{what}: expected EIO, got {e}"
-        ),
-        Ok(v) => {
-            let s = format!("{v:?}");
-            panic!(
-                "{what}: expected EIO, got data ({} chars of debug output)",
-                s.len()
-            )
-        }
-    }
-}
-
-/// Either the expected bytes or EIO: never different bytes.
-#[track_caller]
-fn assert_right_or_eio(r: io::Result<Vec<u8>>, expected: &[u8], what: &str) {
-    match r {
-        Ok(d) => assert!(
-            d == expected,
-            "{what}: WRONG DATA returned ({} bytes)",
-            d.len()
-        ),
-        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
-    }
-}
-
-/// Write `data` to `name` in the mount and return the backing content file it created.
-fn write_located(m: &Mounted, name: &str, data: &[u8]) -> PathBuf {
-    let before = content_files(&m.backing);
-    std::fs::write(m.p(name), data).unwrap();
-    let mut new: Vec<PathBuf> = content_files(&m.backing)
-        .into_iter()
-        .filter(|p| !before.contains(p))
-        .collect();
-    assert_eq!(new.len(), 1, "writing {name} created {new:?}");
-    new.pop().unwrap()
-}
 
 fn flip_byte(path: &Path, off: u64) {
     let f = std::fs::OpenOptions::new()
@@ -122,52 +37,6 @@ fn read_block(path: &Path, i: u64) -> Vec<u8> {
 fn write_block(path: &Path, i: u64, b: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(b, block_off(i)).unwrap();
-}
-
-/// The daemon log has a line naming `backing_file` (its encrypted name at least).
-#[track_caller]
-fn assert_logged(env: &Env, backing_file: &Path) {
-    let name = backing_file.file_name().unwrap().to_str().unwrap();
-    let log = env.daemon_log();
-    assert!(
-        log.lines().any(|l| l.contains(name)),
-        "daemon log has no line naming {}:\n{log}",
-        backing_file.display()
-    );
-}
-
-/// The rest of the volume still works: a bystander file reads back, and a new file can be
-/// written, read and listed.
-#[track_caller]
-fn assert_volume_works(m: &Mounted, bystander: &str, expected: &[u8]) {
-    assert_eq!(
-        std::fs::read(m.p(bystander)).unwrap(),
-        expected,
-        "bystander {bystander}"
-    );
-    let fresh = pattern(99, 3 * BLOCK + 17);
-    std::fs::write(m.p("fresh-after-tamper"), &fresh).unwrap();
-    assert_eq!(std::fs::read(m.p("fresh-after-tamper")).unwrap(), fresh);
-    let names = list(&m.mnt);
-    assert!(names.contains(&bystander.to_string()), "{names:?}");
-    assert!(
-        names.contains(&"fresh-after-tamper".to_string()),
-        "{names:?}"
-    );
-    std::fs::remove_file(m.p("fresh-after-tamper")).unwrap();
-}
-
-fn list(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -698,18 +567,8 @@ fn edited_entry_name_disappears_from_listing() {
 // Volume header
 // ---------------------------------------------------------------------------------------
 
-fn mount_args(env: &Env) -> [String; 5] {
-    [
-        "mount".into(),
-        env.backing.display().to_string(),
-        env.mnt.display().to_string(),
-        "--log".into(),
-        env.dir.path().join("daemon.log").display().to_string(),
-    ]
-}
-
 fn try_mount(env: &Env) -> Output {
-    let a = mount_args(env);
+    let a = env.mount_args(&[]);
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
     let o = env.run(&refs);
     if is_mounted(&env.mnt) {
@@ -795,16 +654,6 @@ fn volume_header_damage_is_refused() {
 // Daemon life cycle
 // ---------------------------------------------------------------------------------------
 
-/// Is the volume lock of `backing` free (no live daemon holds it)?
-fn lock_is_free(backing: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::File::open(backing.join("kekfs.lock")) else {
-        return true;
-    };
-    // SAFETY: flock on a valid descriptor; released when `f` is closed.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
 #[test]
 fn killed_daemon_keeps_fsynced_data() {
     let Some(env) = Env::new("killed_daemon_keeps_fsynced_data") else {
@@ -885,15 +734,7 @@ fn second_mount_of_same_volume_is_refused() {
     std::fs::write(m.p("f"), b"data").unwrap();
     let mnt2 = env.dir.path().join("mnt2");
     std::fs::create_dir(&mnt2).unwrap();
-    let o = env.run(&[
-        "mount",
-        env.backing.to_str().unwrap(),
-        mnt2.to_str().unwrap(),
-    ]);
-    if is_mounted(&mnt2) {
-        force_unmount(&mnt2);
-        panic!("a second mount of the same volume succeeded");
-    }
+    let o = env.mount_refused(&mnt2, "a second mount of the same volume succeeded");
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(16), "stderr: {err}");
     let mp = std::fs::canonicalize(&env.mnt).unwrap();

@@ -14,10 +14,8 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs::File;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -31,18 +29,8 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Rng(u64);
-
+/// Workload data from the shared generator (common::Rng).
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         let s = self.next();
         (0..n)
@@ -68,10 +56,6 @@ struct Worker {
     next: u64,
     ops: u64,
     xattrs: BTreeMap<String, Vec<u8>>,
-}
-
-fn errno<T>(r: io::Result<T>) -> Option<i32> {
-    r.err().and_then(|e| e.raw_os_error())
 }
 
 impl Worker {
@@ -280,9 +264,9 @@ impl Worker {
                 let key = format!("user.k{}", self.rng.below(4));
                 let n = self.rng.below(200) as usize;
                 let val = self.rng.bytes(n);
-                set_xattr(&self.mnt.join(&self.root), &key, &val).unwrap();
+                setxattr(&self.mnt.join(&self.root), &key, &val, 0).unwrap();
                 self.xattrs.insert(key.clone(), val.clone());
-                assert_eq!(get_xattr(&self.mnt.join(&self.root), &key).unwrap(), val);
+                assert_eq!(getxattr(&self.mnt.join(&self.root), &key).unwrap(), val);
             }
             _ => {
                 let Some(name) = self.pick(|e| matches!(e, Entry::File(_))) else {
@@ -334,44 +318,9 @@ impl Worker {
             self.root
         );
         for (k, v) in &self.xattrs {
-            assert_eq!(&get_xattr(&base, k).unwrap(), v, "{}: xattr {k}", self.root);
+            assert_eq!(&getxattr(&base, k).unwrap(), v, "{}: xattr {k}", self.root);
         }
     }
-}
-
-use std::os::unix::ffi::OsStringExt;
-
-fn set_xattr(p: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and value buffer.
-    let r = unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn get_xattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid C strings and buffer of the given length.
-    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
 }
 
 /// Each thread owns an unaligned stripe of `shared`; adjacent stripes share a block.
@@ -488,21 +437,6 @@ fn multithreaded_random_operations_match_the_model() {
     m.unmount();
     eprintln!("stress: {total_ops} operations, all verified after a remount");
     assert!(total_ops > 100, "only {total_ops} operations in {secs} s");
-}
-
-fn fio_available(test: &str) -> bool {
-    if Command::new("fio")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: fio is missing, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: fio is not installed");
-    false
 }
 
 #[test]

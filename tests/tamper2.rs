@@ -7,83 +7,13 @@
 //! precisely: what is served then is authentic data the volume once held, never garbage.
 
 mod common;
+use common::tamper::*;
 use common::*;
 
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
-
-const BLOCK: usize = 4096;
-const HEADER: u64 = 24;
-const CT_BLOCK: u64 = 12 + 4096 + 16;
-
-fn block_off(i: u64) -> u64 {
-    HEADER + i * CT_BLOCK
-}
-
-/// Content unique per seed and per block.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|j| {
-            let blk = (j / BLOCK) as u8;
-            (j as u8)
-                .wrapping_mul(29)
-                .wrapping_add(blk.wrapping_mul(97))
-                .wrapping_add(seed.wrapping_mul(59))
-                ^ 0xa5
-        })
-        .collect()
-}
-
-/// Write `name` through the mount; return the backing content file it created.
-fn write_located(m: &Mounted, name: &str, data: &[u8]) -> PathBuf {
-    let before = content_files(&m.backing);
-    std::fs::write(m.p(name), data).unwrap();
-    let mut new: Vec<PathBuf> = content_files(&m.backing)
-        .into_iter()
-        .filter(|p| !before.contains(p))
-        .collect();
-    assert_eq!(new.len(), 1, "writing {name} created {new:?}");
-    new.pop().unwrap()
-}
-
-fn read_range(path: &Path, off: u64, len: usize) -> io::Result<Vec<u8>> {
-    let f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(done);
-    Ok(buf)
-}
-
-#[track_caller]
-fn assert_eio<T>(r: io::Result<T>, what: &str) {
-    match r {
-        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
-        Ok(_) => panic!("{what}: expected EIO, data was returned"),
-    }
-}
-
-/// The daemon log names `backing_file` (its encrypted name).
-#[track_caller]
-fn assert_logged(env: &Env, backing_file: &Path) {
-    let name = backing_file.file_name().unwrap().to_str().unwrap();
-    let log = env.daemon_log();
-    assert!(
-        log.lines().any(|l| l.contains(name)),
-        "no daemon log line names {}:\n{log}",
-        backing_file.display()
-    );
-}
 
 /// A detected tampering: EIO, logged. A known limit: exactly `authentic` (content the
 /// volume held at some point, under some name). Never anything else.
@@ -110,33 +40,6 @@ fn assert_eio_or_exactly(
 
 fn copy(from: &Path, to: &Path) {
     std::fs::copy(from, to).unwrap();
-}
-
-fn list(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The rest of the volume still works after a tampering was found.
-#[track_caller]
-fn assert_volume_works(m: &Mounted, bystander: &str, expected: &[u8]) {
-    assert_eq!(
-        std::fs::read(m.p(bystander)).unwrap(),
-        expected,
-        "{bystander}"
-    );
-    let fresh = pattern(200, 2 * BLOCK + 5);
-    std::fs::write(m.p("fresh"), &fresh).unwrap();
-    assert_eq!(std::fs::read(m.p("fresh")).unwrap(), fresh);
-    std::fs::remove_file(m.p("fresh")).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -475,16 +378,7 @@ fn rolled_back_volume_header() {
     env.ok(&["rewrap", env.backing.to_str().unwrap()]);
     let new = std::fs::read(&hp).unwrap();
     assert_ne!(old, new);
-    let versions = |env: &Env| -> Vec<u64> {
-        let o = env.ok(&["status", env.backing.to_str().unwrap(), "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&o).unwrap();
-        v["wrapped_by_versions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
+    let versions = |env: &Env| env.wrapped_by(&env.backing);
     assert_eq!(versions(&env), [2, 1]);
 
     // Rolled back while version 1 is usable: mounts, serves the data, heals itself.
@@ -503,15 +397,10 @@ fn rolled_back_volume_header() {
     // Rolled back once version 1 is disabled: refused.
     env.ok(&["key", "disable", "k@1"]);
     std::fs::write(&hp, &old).unwrap();
-    let o = env.run(&[
-        "mount",
-        env.backing.to_str().unwrap(),
-        env.mnt.to_str().unwrap(),
-    ]);
-    if is_mounted(&env.mnt) {
-        force_unmount(&env.mnt);
-        panic!("a header wrapped only by a disabled version mounted");
-    }
+    let o = env.mount_refused(
+        &env.mnt,
+        "a header wrapped only by a disabled version mounted",
+    );
     assert_eq!(o.status.code(), Some(13), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     // The current header still works.

@@ -3,6 +3,7 @@
 //! recovery, and always put the key back: on success, on failure and on SIGINT).
 
 mod common;
+use common::softhsm::*;
 use common::*;
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
@@ -14,15 +15,9 @@ const BIG: usize = 100_000;
 const CT_BLOCK: u64 = 4096 + 28;
 const FILE_HEADER: u64 = 24;
 
+/// Assert `kekfs ARGS` exits with `code`; returns stdout and stderr.
 fn fails(env: &Env, args: &[&str], code: i32) -> String {
-    let o = env.run(args);
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "kekfs {args:?}: stdout {} stderr {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = env.fails(args, code);
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
@@ -231,25 +226,7 @@ fn key_versions_enabled(env: &Env) -> Vec<bool> {
 }
 
 fn keystore_ops(env: &Env) -> Vec<String> {
-    std::fs::read_dir(env.keystore.join("audit"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-        .flat_map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let v: Value = serde_json::from_str(l).unwrap();
-                    format!(
-                        "{} {}",
-                        v["operation"].as_str().unwrap(),
-                        v["code"].as_str().unwrap()
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    ops(&log_lines(&env.keystore.join("audit")))
 }
 
 #[test]
@@ -378,39 +355,15 @@ fn drill_restores_the_key_on_sigint() {
 
 // ---- PKCS#11 (SoftHSM2): key attributes read back, and the drill through CKA_UNWRAP ----
 
-const MODULES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib64/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-];
-
 /// A private SoftHSM2 token: (SOFTHSM2_CONF, KEK URI). `None` without SoftHSM2 (outside CI).
 fn token(env: &Env, test: &str) -> Option<(PathBuf, String)> {
-    let module = MODULES.iter().find(|m| Path::new(m).is_file());
-    let util = Command::new("softhsm2-util").arg("--version").output();
-    let Some(module) = module.filter(|_| util.is_ok_and(|o| o.status.success())) else {
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{test}: SoftHSM2 missing and CI=true forbids skipping");
-        }
-        eprintln!("SKIPPED {test}: SoftHSM2 is not installed");
-        return None;
-    };
-    let dir = env.dir.path().join("hsm");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/softhsm-setup.sh");
-    let o = Command::new("bash")
-        .arg(script)
-        .arg(&dir)
-        .args(["vtok", "87654321", "4321"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let module = softhsm(test)?;
+    let t = softhsm_setup(&env.dir.path().join("hsm"), "vtok", SO_PIN, PIN);
     let uri = format!(
         "pkcs11:token=vtok;object=vk?module-path={module}&pin-source=file:{}",
-        dir.join("pin").display()
+        t.pinfile.display()
     );
-    Some((dir.join("softhsm2.conf"), uri))
+    Some((t.conf, uri))
 }
 
 #[test]
@@ -465,10 +418,7 @@ fn pkcs11_verify_reads_key_attributes_and_drill_toggles_unwrap() {
 
     let mp = env.mnt.to_str().unwrap().to_string();
     ok(&["mount", &b, &mp, "-o", "poll=300ms"]);
-    let guard = Mounted {
-        mnt: env.mnt.clone(),
-        backing: env.backing.clone(),
-    };
+    let guard = env.guard();
     std::fs::write(guard.p("f"), b"token data").unwrap();
     let d: Value = serde_json::from_str(&ok(&["drill", &mp, "--yes", "--json"])).unwrap();
     assert_eq!(d["errno_name"], "EKEYREVOKED", "{d:#}");

@@ -1,8 +1,17 @@
 //! Shared harness for integration tests: a private temp dir per test holding a keystore,
 //! a passphrase file, a backing dir and a mountpoint; mounts are real FUSE mounts of the
 //! built `kekfs` binary and are always unmounted (the guard's Drop), even on failure.
+//!
+//! Helpers for one topic live in submodules: `softhsm` (SoftHSM2 tokens) and `tamper`
+//! (content file layout and tampering checks).
 #![allow(dead_code)]
 
+pub mod softhsm;
+pub mod tamper;
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -10,13 +19,46 @@ use std::time::{Duration, Instant};
 /// The passphrase every test keystore uses.
 pub const PASS: &str = "correct horse battery staple";
 
+/// Generous bound for "within one poll interval" on a shared, noisy machine.
+pub const BOUND: Duration = Duration::from_secs(15);
+
+/// The `-o` option of a mount that polls its key often (tests of revocation and rotation).
+pub const POLL: &str = "poll=300ms";
+
 /// Path of the built binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kekfs"))
 }
 
-fn in_ci() -> bool {
+/// Is this a CI run (`CI=true`)? Then a missing test dependency is a failure, not a skip.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// `test` cannot run here because of `why`: outside CI it is skipped (saying so); with
+/// CI=true it fails.
+pub fn skip(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test}: {why}, and CI=true forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// Does `NAME --version` run and succeed?
+pub fn tool_ok(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Is fio installed? Outside CI a missing fio skips the test; with CI=true it fails.
+pub fn fio_available(test: &str) -> bool {
+    if tool_ok("fio") {
+        return true;
+    }
+    skip(test, "fio is not installed");
+    false
 }
 
 /// Can this machine run FUSE mount tests? Outside CI a missing dependency skips the test
@@ -33,10 +75,7 @@ pub fn fuse_available(test: &str) -> bool {
     } else {
         "mounting needs root here (/dev/fuse is 0600)"
     };
-    if in_ci() {
-        panic!("{test}: {why}, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: {why}");
+    skip(test, why);
     false
 }
 
@@ -81,11 +120,16 @@ impl Env {
 
     /// A `kekfs` command with this env's keystore and passphrase file.
     pub fn kekfs(&self) -> Command {
+        let mut c = self.kekfs_no_passphrase();
+        c.arg("--passfile").arg(&self.passfile);
+        c
+    }
+
+    /// A `kekfs` command with this env's keystore and audit dir but no passphrase source.
+    pub fn kekfs_no_passphrase(&self) -> Command {
         let mut c = Command::new(bin());
         c.arg("--keystore")
             .arg(&self.keystore)
-            .arg("--passfile")
-            .arg(&self.passfile)
             .env_remove("KEKFS_PASSPHRASE")
             .env_remove("KEKFS_PASSFILE")
             .env_remove("KEKFS_KEYSTORE")
@@ -103,17 +147,34 @@ impl Env {
         self.kekfs().args(args).output().expect("run kekfs")
     }
 
-    /// Run `kekfs ARGS` and assert success.
+    /// Run `kekfs ARGS` and assert success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
+        check_ok(args, self.run(args))
+    }
+
+    /// Run `kekfs ARGS` and assert it exits with `code`.
+    #[track_caller]
+    pub fn fails(&self, args: &[&str], code: i32) -> Output {
         let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "kekfs {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+        assert_eq!(
             o.status.code(),
+            Some(code),
+            "kekfs {args:?}: stdout {} stderr {}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        o
+    }
+
+    /// `kekfs status PATH --json`, parsed.
+    pub fn status_json(&self, path: &Path) -> serde_json::Value {
+        let out = self.ok(&["status", path.to_str().unwrap(), "--json"]);
+        serde_json::from_str(&out).expect("status --json")
+    }
+
+    /// The key versions wrapping the volume at `path` (`wrapped_by_versions`).
+    pub fn wrapped_by(&self, path: &Path) -> Vec<u64> {
+        wrapped_by_versions(&self.status_json(path))
     }
 
     /// Keystore + key `k` + volume in `backing`.
@@ -124,8 +185,9 @@ impl Env {
         self.ok(&["init", b, "--kek", "soft:k"]);
     }
 
-    /// Mount `backing` on `mnt` with extra `-o` options; the guard unmounts on drop.
-    pub fn mount_with(&self, opts: &[&str]) -> Mounted {
+    /// `kekfs` arguments that mount `backing` on `mnt`, logging to `daemon.log`, with
+    /// extra `-o` options.
+    pub fn mount_args(&self, opts: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "mount".into(),
             self.backing.display().to_string(),
@@ -137,12 +199,48 @@ impl Env {
             args.push("-o".into());
             args.push((*o).into());
         }
+        args
+    }
+
+    /// Mount `backing` on `mnt` with extra `-o` options; the guard unmounts on drop.
+    pub fn mount_with(&self, opts: &[&str]) -> Mounted {
+        self.mount_by(opts, |args| {
+            self.ok(args);
+        })
+    }
+
+    /// Mount like `mount_with`, running the `kekfs` arguments with `run` (which asserts
+    /// success), for commands that need more than `kekfs()` (a token's environment).
+    pub fn mount_by(&self, opts: &[&str], run: impl FnOnce(&[&str])) -> Mounted {
+        let args = self.mount_args(opts);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.ok(&refs);
+        run(&refs);
         assert!(
             is_mounted(&self.mnt),
             "mount returned 0 but nothing is mounted"
         );
+        self.guard()
+    }
+
+    /// `kekfs mount BACKING MNT` that must be refused: if it mounted anyway, the mount is
+    /// removed and the test fails with `what`. Returns the output (exit code, message).
+    #[track_caller]
+    pub fn mount_refused(&self, mnt: &Path, what: &str) -> Output {
+        let o = self.run(&[
+            "mount",
+            self.backing.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ]);
+        if is_mounted(mnt) {
+            force_unmount(mnt);
+            panic!("{what}");
+        }
+        o
+    }
+
+    /// The guard for a mount of `backing` on `mnt` made some other way: it unmounts on
+    /// drop.
+    pub fn guard(&self) -> Mounted {
         Mounted {
             mnt: self.mnt.clone(),
             backing: self.backing.clone(),
@@ -215,12 +313,7 @@ impl Mounted {
 
     /// The daemon's pid from the lock file.
     pub fn pid(&self) -> i32 {
-        std::fs::read_to_string(self.backing.join("kekfs.lock"))
-            .expect("lock file")
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .expect("pid in lock file")
+        lock_pid(&self.backing)
     }
 }
 
@@ -231,6 +324,26 @@ impl Drop for Mounted {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
         }
     }
+}
+
+/// Daemon pid recorded in the lock file of `backing`.
+pub fn lock_pid(backing: &Path) -> i32 {
+    std::fs::read_to_string(backing.join("kekfs.lock"))
+        .expect("lock file")
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("pid in lock file")
+}
+
+/// Is the volume lock of `backing` free (no live daemon holds it)?
+pub fn lock_is_free(backing: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(backing.join("kekfs.lock")) else {
+        return true;
+    };
+    // SAFETY: flock on a valid descriptor; released when `f` is closed.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Lazily detach a (possibly dead) mount.
@@ -277,4 +390,156 @@ pub fn content_files(backing: &Path) -> Vec<PathBuf> {
             !n.starts_with("kekfs.")
         })
         .collect()
+}
+
+/// Assert a `kekfs ARGS` run succeeded; returns its stdout.
+#[track_caller]
+pub fn check_ok(args: &[&str], o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "kekfs {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `wrapped_by_versions` of a `kekfs status --json` object.
+pub fn wrapped_by_versions(status: &serde_json::Value) -> Vec<u64> {
+    status["wrapped_by_versions"]
+        .as_array()
+        .expect("wrapped_by_versions")
+        .iter()
+        .map(|v| v.as_u64().expect("version"))
+        .collect()
+}
+
+/// The errno of reading `p` whole (a fresh open), `None` when the read works.
+pub fn read_errno(p: &Path) -> Option<i32> {
+    match std::fs::read(p) {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// The errno of reading an open handle from its start, `None` when the read works.
+pub fn handle_errno(f: &mut std::fs::File) -> Option<i32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    match f.read_to_end(&mut buf) {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// The OS error code of a failed result (`None` on success).
+pub fn errno<T>(r: io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+fn c_path(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("no NUL in path")
+}
+
+/// setxattr(2) on `p` (following symlinks) with `flags` (0, XATTR_CREATE, XATTR_REPLACE).
+pub fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
+    let (cp, cn) = (c_path(p), CString::new(name).unwrap());
+    // SAFETY: valid C strings; value pointer/length describe `value`.
+    let r = unsafe {
+        libc::setxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// getxattr(2) on `p` (following symlinks): the whole value.
+pub fn getxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (cp, cn) = (c_path(p), CString::new(name).unwrap());
+    // SAFETY: size query with a null buffer.
+    let n = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; n as usize];
+    // SAFETY: buffer pointer/length describe `buf`.
+    let m = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if m < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(m as usize);
+    Ok(buf)
+}
+
+/// Every line of every audit log file (`audit.*.log`) in `dir`, oldest first, parsed.
+pub fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| {
+        let n = p.file_name().unwrap().to_str().unwrap();
+        n.starts_with("audit.") && n.ends_with(".log")
+    });
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// "OPERATION CODE" of each audit line.
+pub fn ops(lines: &[serde_json::Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            format!(
+                "{} {}",
+                l["operation"].as_str().unwrap(),
+                l["code"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// xorshift64*: a small deterministic generator for random workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform-ish in `0..n` (`0` when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// True `percent`% of the time.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
 }
