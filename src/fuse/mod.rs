@@ -1502,13 +1502,9 @@ impl fuser::Filesystem for KekFs {
             Ok((fh, attr))
         })();
         match r {
-            Ok((fh, attr)) => reply.created(
-                &TTL,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FILE_OPEN_FLAGS,
-            ),
+            Ok((fh, attr)) => {
+                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FILE_OPEN_FLAGS)
+            }
             Err(e) => reply.error(e),
         }
     }
