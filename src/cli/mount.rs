@@ -560,14 +560,11 @@ fn serve(
         grace_ms: timing.grace.as_millis() as u64,
     };
     status::publish(&published);
-    let backing_for_poll = backing.to_path_buf();
-    monitor.on_poll = Some(Box::new(move |gate, last_ok| {
+    monitor.on_poll = Some(Box::new(move |gate, last_ok, key_version| {
         let mut p = published.clone();
         p.key_state = status::state_json(gate);
         p.last_ok_poll = last_ok.map(status::unix);
-        p.key_version = volume::read_header(&backing_for_poll)
-            .map(|(h, _)| h.slots[0].key_version)
-            .unwrap_or(p.key_version);
+        p.key_version = key_version.unwrap_or(p.key_version);
         status::publish(&p);
     }));
     let stop = Stop::default();

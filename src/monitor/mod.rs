@@ -4,6 +4,7 @@
 
 pub mod status;
 
+use crate::format::volume_header::VolumeHeader;
 use crate::kek::{KekError, KekProvider, KekUri, Refusal};
 use crate::volume::{self, Volume, VolumeError};
 use log::{error, info, warn};
@@ -92,8 +93,9 @@ pub enum State {
 }
 
 type Hook = Box<dyn Fn() + Send + Sync>;
-/// Called after each poll with the gate and the time of the last successful poll.
-pub type PollHook = Box<dyn Fn(&Gate, Option<SystemTime>) + Send>;
+/// Called after each poll with the gate, the time of the last successful poll and the
+/// KEK version slot 0 of the volume header is wrapped with (if the header could be read).
+pub type PollHook = Box<dyn Fn(&Gate, Option<SystemTime>, Option<u32>) + Send>;
 /// Called on the monitor thread for each [`Event`] (the audit log listens here).
 pub type EventHook = Box<dyn Fn(&Event<'_>) + Send>;
 
@@ -347,14 +349,21 @@ impl Monitor {
         }
     }
 
-    /// One poll: unwrap, then update the gate.
+    /// One poll: read the volume header (once), unwrap, then update the gate.
     pub fn poll_once(&mut self) -> PollOutcome {
-        self.follow_kek_change();
+        let read = volume::read_header(&self.backing);
+        let mut key_version = None;
+        if let Ok((h, _)) = &read {
+            self.follow_kek_change(h);
+            key_version = Some(h.slots[0].key_version);
+        }
         self.emit(Event::PollStart);
-        let opened = Volume::open(&self.backing, self.provider.as_ref());
+        let opened = read.and_then(|(h, mac)| {
+            Volume::open_header(h.clone(), &mac, self.provider.as_ref()).map(|v| (v, h))
+        });
         self.emit(Event::Polled(opened.as_ref().err()));
         let outcome = match opened {
-            Ok(vol) => {
+            Ok((vol, header)) => {
                 self.grace_since = None;
                 self.last_ok = Some(SystemTime::now());
                 let st = self.gate.state();
@@ -377,8 +386,10 @@ impl Monitor {
                     self.gate.activate(Some(vol));
                     self.emit(Event::Resumed(true));
                 }
-                if let Ok(v) = self.gate.volume() {
-                    self.follow_latest(&v);
+                if let Ok(v) = self.gate.volume()
+                    && let Some(now) = self.follow_latest(&v, &header)
+                {
+                    key_version = Some(now);
                 }
                 PollOutcome::Ok
             }
@@ -411,7 +422,7 @@ impl Monitor {
             }
         };
         if let Some(f) = &self.on_poll {
-            f(&self.gate, self.last_ok);
+            f(&self.gate, self.last_ok, key_version);
         }
         self.emit(Event::PollEnd);
         outcome
@@ -419,10 +430,7 @@ impl Monitor {
 
     /// After `kekfs rewrap --to-kek` on the mounted volume, poll the new KEK: the
     /// provider opens it with the secret it already holds (same keystore or token).
-    fn follow_kek_change(&mut self) {
-        let Ok((h, _)) = volume::read_header(&self.backing) else {
-            return;
-        };
+    fn follow_kek_change(&mut self, h: &VolumeHeader) {
         let (Ok(want), Ok(have)) = (
             KekUri::parse(&h.kek_uri),
             KekUri::parse(&self.provider.uri()),
@@ -451,13 +459,11 @@ impl Monitor {
     }
 
     /// A volume that follows the latest KEK version rewraps itself when a newer usable
-    /// version appears (the data is not re-encrypted).
-    fn follow_latest(&self, vol: &Volume) {
-        let Ok((h, _)) = volume::read_header(&self.backing) else {
-            return;
-        };
+    /// version appears (the data is not re-encrypted). `h` is the header this poll read.
+    /// Returns the version slot 0 is wrapped with after a rewrap.
+    fn follow_latest(&self, vol: &Volume, h: &VolumeHeader) -> Option<u32> {
         if h.pinned_version != 0 {
-            return;
+            return None;
         }
         if let Ok(Some(latest)) = self.provider.current_version()
             && latest > h.slots[0].key_version
@@ -474,6 +480,7 @@ impl Monitor {
                         from,
                         to: nh.slots[0].key_version,
                     });
+                    return Some(nh.slots[0].key_version);
                 }
                 Err(e) => {
                     warn!("{}: online rewrap failed: {e}", self.backing.display());
@@ -485,6 +492,7 @@ impl Monitor {
                 }
             }
         }
+        None
     }
 
     fn transient(&mut self, msg: String) {

@@ -224,13 +224,22 @@ impl Volume {
     /// authenticate the header with it.
     pub fn open(backing: &Path, provider: &dyn KekProvider) -> Result<Volume, VolumeError> {
         let (header, mac) = read_header(backing)?;
+        Self::open_header(header, &mac, provider)
+    }
+
+    /// Like `open`, for a header already read with `read_header` (and its MAC).
+    pub fn open_header(
+        header: VolumeHeader,
+        mac: &[u8; 32],
+        provider: &dyn KekProvider,
+    ) -> Result<Volume, VolumeError> {
         let mut first_err = None;
         for slot in &header.slots {
             match provider.unwrap(slot) {
                 Ok(aek) => {
                     let mk = Self::mac_key(&aek, &header.volume_id);
                     header
-                        .verify_mac(&mk, &mac)
+                        .verify_mac(&mk, mac)
                         .map_err(|FormatError(m)| VolumeError::Corrupt(m))?;
                     return Ok(Self::from_aek(header, aek));
                 }
