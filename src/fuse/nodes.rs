@@ -239,6 +239,12 @@ impl Node {
         Ok(())
     }
 
+    /// Is this a closable node whose descriptor is open now?
+    fn holds_closable_fd(&self) -> bool {
+        let fd = lock(&self.fd);
+        fd.is_some() && lock(&self.origin).is_some()
+    }
+
     /// Close the descriptor if nothing uses it. True if it was closed.
     fn close_if_idle(&self) -> bool {
         // Lock order everywhere: fd, then origin (then the parent's).
@@ -327,19 +333,15 @@ impl NodeTable {
         let mut idle: Vec<(u64, &Arc<Node>)> = self
             .map
             .values()
-            .filter(|(n, _)| Arc::strong_count(n) == 1 && n.budget.is_some())
+            .filter(|(n, _)| Arc::strong_count(n) == 1 && n.holds_closable_fd())
             .map(|(n, _)| (n.used.load(Ordering::Relaxed), n))
             .collect();
-        idle.sort_unstable_by_key(|(used, _)| *used);
-        let mut closed = 0;
-        for (_, n) in idle {
-            if closed >= excess {
-                break;
-            }
-            if n.close_if_idle() {
-                closed += 1;
-            }
+        // The `excess` least recently used, without sorting them all (linear time).
+        if idle.len() > excess {
+            idle.select_nth_unstable_by_key(excess, |(used, _)| *used);
+            idle.truncate(excess);
         }
+        let closed = idle.iter().filter(|(_, n)| n.close_if_idle()).count();
         log::debug!(
             "closed {closed} idle node descriptors ({} open, budget {})",
             self.budget.open(),
