@@ -2,6 +2,7 @@
 //! calling the volume for names, symlinks, xattrs and content. No cryptography here.
 
 pub mod nodes;
+mod reply;
 pub mod sys;
 
 use crate::format::names::{self, BackingName, Found};
@@ -18,6 +19,7 @@ use fuser::{
 };
 use log::{error, warn};
 use nodes::{Node, NodeTable, kind_of, kind_of_dtype};
+use reply::SendResult;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -732,10 +734,7 @@ impl fuser::Filesystem for KekFs {
             let bn = self.backing_name(&p, name)?;
             self.lookup_entry(&p, bn.entry())
         })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -743,10 +742,7 @@ impl fuser::Filesystem for KekFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| self.stat_node(&n)) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        reply.send(self.node(ino).and_then(|n| self.stat_node(&n)));
     }
 
     fn setattr(
@@ -813,10 +809,7 @@ impl fuser::Filesystem for KekFs {
             }
             self.stat_node(&node)
         })();
-        match r {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -832,10 +825,7 @@ impl fuser::Filesystem for KekFs {
                 Errno::EIO
             })
         })();
-        match r {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn mknod(
@@ -864,10 +854,7 @@ impl fuser::Filesystem for KekFs {
                 sys::mknodat(p.raw(), c, mode, rdev as u64).map_err(|e| errno(&e))
             }
         });
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn mkdir(
@@ -908,10 +895,7 @@ impl fuser::Filesystem for KekFs {
             }
             Ok(())
         });
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -925,10 +909,7 @@ impl fuser::Filesystem for KekFs {
             self.remove_sidecar(&p, &bn);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -960,10 +941,7 @@ impl fuser::Filesystem for KekFs {
             self.remove_sidecar(&p, &bn);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn symlink(
@@ -982,10 +960,7 @@ impl fuser::Filesystem for KekFs {
             let t = sys::cstr(enc.as_bytes()).map_err(|e| errno(&e))?;
             sys::symlinkat(&t, p.raw(), c).map_err(|e| errno(&e))
         });
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn rename(
@@ -998,10 +973,7 @@ impl fuser::Filesystem for KekFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.do_rename(parent, name, newparent, newname, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(self.do_rename(parent, name, newparent, newname, flags));
     }
 
     fn link(
@@ -1033,10 +1005,7 @@ impl fuser::Filesystem for KekFs {
             }
             self.lookup_entry(&p, bn.entry())
         })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1064,10 +1033,7 @@ impl fuser::Filesystem for KekFs {
             );
             Ok(fh)
         })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FILE_OPEN_FLAGS),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r.map(|fh| (fh, FILE_OPEN_FLAGS)));
     }
 
     fn read(
@@ -1093,10 +1059,7 @@ impl fuser::Filesystem for KekFs {
             };
             content::read(&h.file, &c, offset, size).map_err(|e| self.content_err(&h.node, e))
         })();
-        match r {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn write(
@@ -1124,10 +1087,7 @@ impl fuser::Filesystem for KekFs {
             let c = self.cipher(&h.node, &h.file, true)?.ok_or(Errno::EIO)?;
             content::write(&h.file, &c, offset, data).map_err(|e| self.content_err(&h.node, e))
         })();
-        match r {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r.map(|()| data.len() as u32));
     }
 
     fn flush(
@@ -1172,10 +1132,7 @@ impl fuser::Filesystem for KekFs {
             };
             res.map_err(|e| errno(&e))
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1193,10 +1150,7 @@ impl fuser::Filesystem for KekFs {
             lock(&self.dirs).insert(fh, Arc::new(OpenDir { entries }));
             Ok(fh)
         })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r.map(|fh| (fh, FopenFlags::empty())));
     }
 
     fn readdir(
@@ -1320,10 +1274,7 @@ impl fuser::Filesystem for KekFs {
                 .map_err(|e| errno(&e))?;
             File::from(fd).sync_all().map_err(|e| errno(&e))
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1332,19 +1283,7 @@ impl fuser::Filesystem for KekFs {
                 .map_err(|e| errno(&e))?;
             sys::statvfs_fd(fd.as_raw_fd()).map_err(|e| errno(&e))
         });
-        match r {
-            Ok(s) => reply.statfs(
-                s.f_blocks,
-                s.f_bfree,
-                s.f_bavail,
-                s.f_files,
-                s.f_ffree,
-                s.f_bsize as u32,
-                names::MAX_PLAIN_NAME as u32,
-                s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn setxattr(
@@ -1372,10 +1311,7 @@ impl fuser::Filesystem for KekFs {
             let c = sys::cstr(bname.as_bytes()).map_err(|e| errno(&e))?;
             sys::setxattr(&path, &c, &sealed, flags).map_err(|e| errno(&e))
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1401,12 +1337,7 @@ impl fuser::Filesystem for KekFs {
                     Errno::EIO
                 })
         })();
-        match r {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r.map(|v| (size, v)));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -1427,12 +1358,7 @@ impl fuser::Filesystem for KekFs {
             }
             Ok(out)
         })();
-        match r {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r.map(|v| (size, v)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1447,10 +1373,7 @@ impl fuser::Filesystem for KekFs {
                 .map_err(|e| errno(&e))?;
             sys::removexattr(&path, &c).map_err(|e| errno(&e))
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -1501,12 +1424,7 @@ impl fuser::Filesystem for KekFs {
             );
             Ok((fh, attr))
         })();
-        match r {
-            Ok((fh, attr)) => {
-                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FILE_OPEN_FLAGS)
-            }
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 
     fn fallocate(
@@ -1555,9 +1473,6 @@ impl fuser::Filesystem for KekFs {
             }
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply.send(r);
     }
 }
