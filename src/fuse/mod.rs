@@ -623,23 +623,27 @@ impl KekFs {
         if !exchange {
             self.pin_victim(&np, &dc);
         }
+        // Closable nodes reopen by name: hold the moved node's name still across the
+        // rename (a concurrent reopen waits) and record the new one. The table lock is
+        // not taken while the name is held.
+        let moved = self
+            .fuse_ino(&src_st)
+            .ok()
+            .and_then(|i| lock(&self.nodes).get(i));
+        let renaming = moved.as_ref().map(|n| n.renaming());
         let r = sys::renameat2(p.raw(), &sc, np.raw(), &dc, flags.bits());
         if let Err(e) = r {
+            drop(renaming);
             if let Some((fd, id)) = restore_dirid {
                 let _ = write_dirid(fd.as_raw_fd(), &id);
             }
             return Err(errno(&e));
         }
+        if let Some(g) = renaming {
+            g.moved(&np, dst.entry());
+        }
         if !exchange && src.entry() != dst.entry() {
             self.remove_sidecar(&p, &src);
-        }
-        // Closable nodes reopen by name: record where the moved entries are now.
-        let moved = self
-            .fuse_ino(&src_st)
-            .ok()
-            .and_then(|i| lock(&self.nodes).get(i));
-        if let Some(n) = moved {
-            n.moved(&np, dst.entry());
         }
         if exchange
             && let Ok(st) = sys::fstatat(p.raw(), &sc, libc::AT_SYMLINK_NOFOLLOW)
@@ -648,7 +652,10 @@ impl KekFs {
                 .ok()
                 .and_then(|i| lock(&self.nodes).get(i))
         {
-            n.moved(&p, src.entry());
+            // The other entry of an exchange. Recorded just after the rename: a reopen
+            // of this node in between finds the other inode under the old name and
+            // fails with ESTALE rather than using it.
+            n.renaming().moved(&p, src.entry());
         }
         Ok(())
     }

@@ -199,15 +199,10 @@ impl Node {
         lock(&self.fd).as_ref().map_or(-1, |f| f.as_raw_fd())
     }
 
-    /// The entry was renamed: it is now `entry` in `parent`.
-    pub fn moved(&self, parent: &Arc<Node>, entry: &str) {
-        let mut o = lock(&self.origin);
-        if let Some(o) = o.as_mut()
-            && let Ok(entry) = CString::new(entry)
-        {
-            o.parent = parent.clone();
-            o.entry = entry;
-        }
+    /// Hold while renaming the node's entry, and report the new name through it: a
+    /// concurrent reopen waits for the rename instead of looking up the old name.
+    pub fn renaming(&self) -> Renaming<'_> {
+        Renaming(lock(&self.origin))
     }
 
     /// From now on the node keeps its descriptor: it is about to gain a name (a closable
@@ -278,6 +273,21 @@ impl Drop for Node {
     }
 }
 
+/// A node's name held still during a rename (see `Node::renaming`).
+pub struct Renaming<'a>(std::sync::MutexGuard<'a, Option<Origin>>);
+
+impl Renaming<'_> {
+    /// The rename happened: the entry is now `entry` in `parent`.
+    pub fn moved(mut self, parent: &Arc<Node>, entry: &str) {
+        if let Some(o) = self.0.as_mut()
+            && let Ok(entry) = CString::new(entry)
+        {
+            o.parent = parent.clone();
+            o.entry = entry;
+        }
+    }
+}
+
 /// Nodes by inode number, with lookup counts.
 #[derive(Default)]
 pub struct NodeTable {
@@ -293,7 +303,7 @@ impl NodeTable {
     }
 
     /// Count one more kernel reference to `ino`, creating the node with `make` if new.
-    /// An existing node keeps its descriptor (it pins the same inode).
+    /// An existing node is returned as it is (see `Node::refresh`).
     pub fn reference(&mut self, ino: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
         let e = self.map.entry(ino).or_insert_with(|| (Arc::new(make()), 0));
         e.1 += 1;
