@@ -7,6 +7,7 @@
 //! - `monitor`: polls the KEK of a mounted volume; revokes and restores its keys.
 //! - `volume`: an unlocked volume: AEK, derived keys, encrypted content and name I/O.
 //! - `format`, `crypto`, `kek`: on-disk layout, primitives, KEK providers.
+//! - `time`: UTC calendar arithmetic, used by every layer above.
 
 pub mod audit;
 pub mod cli;
@@ -15,4 +16,5 @@ pub mod format;
 pub mod fuse;
 pub mod kek;
 pub mod monitor;
+pub mod time;
 pub mod volume;

@@ -233,7 +233,7 @@ pub fn format_time_ms(t: SystemTime) -> String {
     let d = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
-    let s = crate::kek::keystore::format_time(d.as_secs());
+    let s = crate::time::format_time(d.as_secs());
     // format_time ends in 'Z'; put the milliseconds before it.
     let base = s.strip_suffix('Z').unwrap_or(&s);
     format!("{base}.{:03}Z", d.subsec_millis())

@@ -31,10 +31,7 @@ impl Log for Logger {
             Sink::Stderr => eprintln!("kekfs[{}]: {msg}", std::process::id()),
             Sink::File(f) => {
                 let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
+                let now = crate::time::unix_now();
                 let _ = writeln!(f, "{now} kekfs[{}]: {msg}", std::process::id());
             }
             Sink::Syslog => {

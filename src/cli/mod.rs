@@ -239,27 +239,6 @@ fn provider_options(cli: &Cli) -> ProviderOptions {
     }
 }
 
-pub(crate) fn fmt_time(t: u64) -> String {
-    // Days since the epoch to a civil date (UTC), without pulling in a time crate.
-    let days = (t / 86_400) as i64;
-    let secs = t % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
-    )
-}
-
 fn run(cli: Cli) -> Result<(), CliError> {
     let popts = provider_options(&cli);
     audit::configure(cli.audit_dir.as_deref(), &command_name(&cli.cmd))?;
@@ -303,7 +282,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 } else {
                     ""
                 };
-                println!("{}{state}  created {}", k.name, fmt_time(k.created));
+                println!(
+                    "{}{state}  created {}",
+                    k.name,
+                    crate::time::format_time(k.created)
+                );
                 for v in &k.versions {
                     let st = match v.refusal_at(now) {
                         None => "enabled".to_string(),
@@ -312,7 +295,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     println!(
                         "  version {}  {st}  created {}",
                         v.version,
-                        fmt_time(v.created)
+                        crate::time::format_time(v.created)
                     );
                 }
             }
@@ -488,13 +471,6 @@ pub fn main() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn time_format() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_time(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(fmt_time(951_782_400), "2000-02-29T00:00:00Z");
-    }
 
     #[test]
     fn cli_parses() {

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Options for `kekfs mount`.
 #[derive(Debug, Default)]
@@ -555,7 +555,7 @@ fn serve(
         key_version: volume::read_header(backing)
             .map(|(h, _)| h.slots[0].key_version)
             .unwrap_or(0),
-        last_ok_poll: Some(status::unix(SystemTime::now())),
+        last_ok_poll: Some(crate::time::unix_now()),
         poll_ms: timing.poll.as_millis() as u64,
         grace_ms: timing.grace.as_millis() as u64,
     };
@@ -563,7 +563,7 @@ fn serve(
     monitor.on_poll = Some(Box::new(move |gate, last_ok, key_version| {
         let mut p = published.clone();
         p.key_state = status::state_json(gate);
-        p.last_ok_poll = last_ok.map(status::unix);
+        p.last_ok_poll = last_ok.map(crate::time::unix_secs);
         p.key_version = key_version.unwrap_or(p.key_version);
         status::publish(&p);
     }));
@@ -813,7 +813,7 @@ pub fn status(path: Option<&Path>, json: bool) -> Result<(), CliError> {
             println!("  key state:  {name}{detail}");
         }
         if let Some(t) = s.last_ok_poll {
-            println!("  last ok poll: {}", super::fmt_time(t));
+            println!("  last ok poll: {}", crate::time::format_time(t));
         }
     }
     Ok(())

@@ -11,6 +11,8 @@
 //!
 //! A duration is a number with one of those units (`7d`, `36h`), or `0`.
 
+use crate::time::days_from_civil;
+
 /// The latest time accepted: 9999-12-31T23:59:59Z (RFC 3339 has four-digit years).
 pub const MAX_TIME: u64 = 253_402_300_799;
 
@@ -72,17 +74,6 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("bad duration {s:?}: too large"))
-}
-
-/// Days from 1970-01-01 to the civil date (proleptic Gregorian), Howard Hinnant's algorithm.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn days_in_month(y: i64, m: i64) -> i64 {

@@ -138,12 +138,6 @@ struct Inner {
     epoch: u64,
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Gate {
     /// A gate holding an unlocked volume.
     pub fn new(vol: Volume) -> Self {
@@ -229,7 +223,7 @@ impl Gate {
         let mut g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         if g.vol.is_some() {
             g.state = State::Grace {
-                since: unix(since),
+                since: crate::time::unix_secs(since),
                 error,
             };
         }

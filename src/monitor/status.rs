@@ -2,7 +2,6 @@
 
 use super::{Gate, State};
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 /// Directory holding one `<volume-id>.json` per mounted volume.
 pub fn runtime_dir() -> PathBuf {
@@ -79,13 +78,6 @@ pub fn remove(volume_id: &str) {
 /// A status snapshot of the gate.
 pub fn state_json(gate: &Gate) -> serde_json::Value {
     serde_json::to_value(gate.state()).unwrap_or_else(|_| serde_json::json!({"state": "active"}))
-}
-
-/// Seconds since the epoch.
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// True when the state serves plaintext.

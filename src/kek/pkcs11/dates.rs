@@ -43,25 +43,13 @@ pub(super) fn parse_date(d: &Date) -> Result<Option<Ymd>, String> {
 
 /// Today (UTC) from the system clock.
 pub(super) fn today() -> Ymd {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    civil_from_days((secs / 86_400) as i64)
+    civil_from_days((crate::time::unix_now() / 86_400) as i64)
 }
 
-/// Days since 1970-01-01 → civil date (Howard Hinnant's algorithm).
+/// Days since 1970-01-01 → civil date (years before 0 clamp to 0).
 fn civil_from_days(days: i64) -> Ymd {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    Ymd(y.max(0) as u32, m as u32, d as u32)
+    let (y, m, d) = crate::time::civil_from_days(days);
+    Ymd(y.max(0) as u32, m, d)
 }
 
 #[cfg(test)]
