@@ -322,22 +322,21 @@ fn check_detects_each_kind_of_tampering_and_says_where() {
     );
 }
 
+/// Run `kekfs ARGS` (which must succeed) with audit files rotated at `max_bytes`.
+fn ok_rotating_at(env: &Env, max_bytes: u64, args: &[&str]) {
+    let o = env
+        .kekfs()
+        .env("KEKFS_AUDIT_MAX_BYTES", max_bytes.to_string())
+        .args(args)
+        .output()
+        .unwrap();
+    check_ok(args, o);
+}
+
 #[test]
 fn rotation_keeps_the_chain_across_files() {
     let env = Env::new_unchecked();
-    let run = |args: &[&str]| {
-        let o = env
-            .kekfs()
-            .env("KEKFS_AUDIT_MAX_BYTES", "2000")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
+    let run = |args: &[&str]| ok_rotating_at(&env, 2000, args);
     run(&["keystore", "init"]);
     run(&["key", "create", "k"]);
     for _ in 0..12 {
@@ -511,19 +510,7 @@ fn parse_follow(out: &[u8], code: Option<i32>) -> (Vec<u64>, Vec<Value>, Option<
 #[test]
 fn follow_resumes_without_duplicates_or_gaps_and_alerts_on_strangers() {
     let env = Env::new_unchecked();
-    let small = |args: &[&str]| {
-        let o = env
-            .kekfs()
-            .env("KEKFS_AUDIT_MAX_BYTES", "1500")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
+    let small = |args: &[&str]| ok_rotating_at(&env, 1500, args);
     small(&["keystore", "init"]);
     small(&["key", "create", "k"]);
     small(&["key", "rotate", "k"]);

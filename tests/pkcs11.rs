@@ -80,6 +80,15 @@ impl Hsm {
         check_ok(args, self.run(env, args))
     }
 
+    /// Create the token key `vol-kek` and a volume on `env.backing` wrapped by it; the
+    /// key's URI.
+    fn volume(&self, env: &Env) -> String {
+        let uri = self.uri("vol-kek", "");
+        self.ok(env, &["key", "create", "--kek", &uri]);
+        self.ok(env, &["init", env.backing.to_str().unwrap(), "--kek", &uri]);
+        uri
+    }
+
     /// Run a token operation in a helper process (this test binary, re-run).
     fn helper(&self, args: &[&str]) -> String {
         let mut cmd = vec![self.token.as_str()];
@@ -433,12 +442,7 @@ fn wrong_pin_refuses_mount_with_the_pin_exit_code() {
     let Some((env, hsm)) = env_and_hsm("wrong_pin", true) else {
         return;
     };
-    let uri = hsm.uri("vol-kek", "");
-    hsm.ok(&env, &["key", "create", "--kek", &uri]);
-    hsm.ok(
-        &env,
-        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
-    );
+    let uri = hsm.volume(&env);
     std::fs::write(&hsm.pinfile, "9999\n").unwrap();
     let o = hsm.mount_fails(&env);
     assert_fails(&o, 12, &["wrong PIN", "token 'kekfs'"]);
@@ -476,12 +480,7 @@ fn destroyed_key_refuses_mount_with_key_not_found() {
     let Some((env, hsm)) = env_and_hsm("destroyed_key", true) else {
         return;
     };
-    let uri = hsm.uri("vol-kek", "");
-    hsm.ok(&env, &["key", "create", "--kek", &uri]);
-    hsm.ok(
-        &env,
-        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
-    );
+    hsm.volume(&env);
     hsm.helper(&["destroy", "vol-kek", "01"]);
     let o = hsm.mount_fails(&env);
     assert_fails(&o, 14, &["key not found", "no version 1"]);
@@ -492,12 +491,7 @@ fn unwrap_disabled_and_dates_refuse_mount_until_restored() {
     let Some((env, hsm)) = env_and_hsm("unwrap_disabled", true) else {
         return;
     };
-    let uri = hsm.uri("vol-kek", "");
-    hsm.ok(&env, &["key", "create", "--kek", &uri]);
-    hsm.ok(
-        &env,
-        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
-    );
+    hsm.volume(&env);
 
     hsm.helper(&["set-unwrap", "vol-kek", "01", "false"]);
     let o = hsm.mount_fails(&env);
@@ -566,12 +560,7 @@ fn mounted_volume_stops_and_resumes_with_cka_unwrap() {
     let Some((env, hsm)) = env_and_hsm("mounted_revocation", true) else {
         return;
     };
-    let uri = hsm.uri("vol-kek", "");
-    hsm.ok(&env, &["key", "create", "--kek", &uri]);
-    hsm.ok(
-        &env,
-        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
-    );
+    hsm.volume(&env);
     // The daemon polls through the token after the fork: this exercises the per-process
     // re-initialisation and the re-login with the kept PIN.
     let m = hsm.mount(&env, &["poll=200ms"]);
@@ -724,12 +713,7 @@ fn key_disable_enable_kek_revokes_and_restores_a_mounted_volume() {
     let Some((env, hsm)) = env_and_hsm("token_cli_disable_enable_mounted", true) else {
         return;
     };
-    let uri = hsm.uri("vol-kek", "");
-    hsm.ok(&env, &["key", "create", "--kek", &uri]);
-    hsm.ok(
-        &env,
-        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
-    );
+    let uri = hsm.volume(&env);
     let m = hsm.mount(&env, &["poll=300ms"]);
     std::fs::create_dir(m.p("dir")).unwrap();
     std::fs::write(m.p("dir/secret.txt"), b"token-guarded payload").unwrap();
@@ -815,12 +799,7 @@ fn key_rotate_kek_rewraps_a_following_mounted_volume_online() {
     let Some((env, hsm)) = env_and_hsm("token_rotation_online", true) else {
         return;
     };
-    let uri = hsm.uri("vol-kek", "");
-    hsm.ok(&env, &["key", "create", "--kek", &uri]);
-    hsm.ok(
-        &env,
-        &["init", env.backing.to_str().unwrap(), "--kek", &uri],
-    );
+    let uri = hsm.volume(&env);
     let m = hsm.mount(&env, &["poll=300ms"]);
     std::fs::write(m.p("f"), b"follows the newest version").unwrap();
     assert_eq!(wrapped_by(&hsm, &env, &env.mnt), [1, 1]);
