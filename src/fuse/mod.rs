@@ -303,19 +303,26 @@ impl KekFs {
     /// lives until the kernel forgets the node and no new file can turn up under the
     /// old node's number.
     fn pin_victim(&self, dir: &Node, c: &std::ffi::CStr) {
-        let Ok(fd) = sys::openat(dir.raw(), c, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+        let Ok(st) = sys::fstatat(dir.raw(), c, libc::AT_SYMLINK_NOFOLLOW) else {
             return;
         };
-        let Ok(st) = sys::fstat(fd.as_raw_fd()) else {
-            return;
-        };
-        let node = self
+        let Some(n) = self
             .fuse_ino(&st)
             .ok()
-            .and_then(|i| lock(&self.nodes).get(i));
-        if let Some(n) = node
-            && let Err(e) = n.pin(Some(fd))
-        {
+            .and_then(|i| lock(&self.nodes).get(i))
+        else {
+            return;
+        };
+        // Usually the node's descriptor is open and nothing needs opening (one syscall
+        // per unlink instead of three); a closed one is reopened right here.
+        let fresh = if n.has_fd() {
+            None
+        } else {
+            sys::openat(dir.raw(), c, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                .ok()
+                .filter(|f| sys::fstat(f.as_raw_fd()).is_ok_and(|s| s.st_ino == st.st_ino))
+        };
+        if let Err(e) = n.pin(fresh) {
             log::debug!(
                 "{}: keeping inode {} open: {e}",
                 self.backing_path(dir),

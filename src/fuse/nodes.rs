@@ -234,6 +234,11 @@ impl Node {
         Ok(())
     }
 
+    /// Is the node's descriptor open now?
+    pub fn has_fd(&self) -> bool {
+        lock(&self.fd).is_some()
+    }
+
     /// Is this a closable node whose descriptor is open now?
     fn holds_closable_fd(&self) -> bool {
         let fd = lock(&self.fd);
