@@ -597,17 +597,16 @@ fn serve(
             }
         }
     });
+    let total = times.started.elapsed();
     info!(
         "volume {vid} ({}) mounted at {} in {} ms (KEK provider {} ms, including any \
          passphrase KDF; volume header {} ms; FUSE mount {} ms)",
         backing.display(),
         mountpoint.display(),
-        times.started.elapsed().as_millis(),
+        total.as_millis(),
         times.provider_open.as_millis(),
         times.volume_open.as_millis(),
-        times
-            .started
-            .elapsed()
+        total
             .saturating_sub(times.provider_open + times.volume_open)
             .as_millis(),
     );
