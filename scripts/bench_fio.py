@@ -249,6 +249,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
     ap.add_argument("--only", default="", help="comma list of targets")
+    ap.add_argument("--jobs", default="", help="comma list of job names (default: all)")
     ap.add_argument("--kekfs-options", default="", help="extra -o options for kekfs")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -274,6 +275,13 @@ def main():
             elif n == "kekfs":
                 targets.append(Kekfs(n, work, a.kekfs, a.kekfs_options))
         all_jobs = jobs(a.quick) + [{"name": "small-files-4k"}, {"name": "metadata-stat-readdir"}]
+        if a.jobs:
+            wanted = a.jobs.split(",")
+            unknown = set(wanted) - {j["name"] for j in all_jobs}
+            if unknown:
+                sys.exit(f"unknown job(s): {', '.join(sorted(unknown))}; "
+                         f"jobs: {', '.join(j['name'] for j in all_jobs)}")
+            all_jobs = [j for j in all_jobs if j["name"] in wanted]
         results = {}  # job -> target -> [values]
         units = {}
         for job in all_jobs:

@@ -422,6 +422,7 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
         Ok(n) => log::debug!("descriptor limit {n}"),
         Err(e) => hardening.push(format!("could not raise the descriptor limit: {e}")),
     }
+    super::harden::presize_fd_table(super::harden::nofile_limit());
     for m in &hardening {
         log::warn!("{m}");
     }
