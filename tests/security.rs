@@ -772,6 +772,67 @@ fn second_mount_of_same_volume_is_refused() {
     m2.unmount();
 }
 
+/// `umount` returns before the daemon has zeroized its keys and exited, so its volume lock
+/// is still held for a moment: a mount right after it waits for that daemon instead of
+/// calling the volume "already mounted".
+#[test]
+fn mount_right_after_umount_waits_for_the_old_daemon() {
+    let Some(env) = Env::new("mount_right_after_umount_waits_for_the_old_daemon") else {
+        return;
+    };
+    env.init_volume();
+    let args = [
+        "mount",
+        env.backing.to_str().unwrap(),
+        env.mnt.to_str().unwrap(),
+    ];
+    let m = env.mount();
+    std::fs::write(m.p("f"), b"data").unwrap();
+    for round in 0..5 {
+        let u = std::process::Command::new("umount")
+            .arg(&env.mnt)
+            .output()
+            .unwrap();
+        assert!(u.status.success(), "umount: {}", stderr(&u));
+        let o = env.run(&args);
+        assert!(o.status.success(), "round {round}: {}", stderr(&o));
+        assert_eq!(std::fs::read(m.p("f")).unwrap(), b"data", "round {round}");
+    }
+    m.unmount();
+
+    // A lock holder that never mounts: waited for, then named in the refusal.
+    let lock = std::fs::File::open(env.backing.join("kekfs.lock")).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a valid descriptor; released when `lock` is closed.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    }
+    let started = std::time::Instant::now();
+    let o = env.mount_refused(&env.mnt, "mounted while another process held the lock");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(16), "{err}");
+    assert!(err.contains("has not mounted it"), "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "refused after {:?}, without waiting",
+        started.elapsed()
+    );
+    // Released while a mount waits: that mount goes ahead.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(lock);
+    });
+    let o = env.run(&args);
+    releaser.join().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = Mounted {
+        mnt: env.mnt.clone(),
+        backing: env.backing.clone(),
+    };
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), b"data");
+    m.unmount();
+}
+
 #[test]
 fn sigterm_unmounts_cleanly() {
     let Some(env) = Env::new("sigterm_unmounts_cleanly") else {

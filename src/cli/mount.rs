@@ -237,13 +237,19 @@ fn last_flag_wins(flags: Vec<MountOption>) -> Vec<MountOption> {
     out
 }
 
+/// How long `VolumeLock::acquire` waits for a holder that has no mount (see there).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// The lock a mounted volume holds in its backing directory.
 pub struct VolumeLock {
     file: File,
 }
 
 impl VolumeLock {
-    /// Take the lock, or say who holds it.
+    /// Take the lock, or say who holds it. A holder whose volume is not mounted any more is
+    /// a daemon still shutting down after an unmount (`umount` returns before the daemon
+    /// has zeroized its keys and exited), or one still mounting: wait up to
+    /// `LOCK_WAIT` for it, so that `umount M && kekfs mount B M` works.
     pub fn acquire(backing: &Path) -> Result<VolumeLock, CliError> {
         let path = backing.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
@@ -254,24 +260,40 @@ impl VolumeLock {
             .mode(0o600)
             .open(&path)
             .map_err(|e| CliError::failure(format!("cannot open {}: {e}", path.display())))?;
-        // SAFETY: flock on a valid descriptor.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            let mut who = String::new();
-            // The backing directory is untrusted: read a bounded amount.
-            let _ = (&mut file).take(4096).read_to_string(&mut who);
-            let mut it = who.lines();
-            let pid = it.next().unwrap_or("?");
-            let mp = it.next().unwrap_or("?");
-            return Err(CliError::new(
-                exit::ALREADY_MOUNTED,
-                format!(
-                    "{} is already mounted at {mp} (pid {pid}); unmount it first with `kekfs unmount {mp}`",
-                    backing.display()
-                ),
-            ));
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a valid descriptor.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                return Ok(VolumeLock { file });
+            }
+            let mounted = mounts::find_by_backing(backing).is_some();
+            if mounted || Instant::now() >= deadline {
+                let mut who = String::new();
+                let _ = file.rewind();
+                // The backing directory is untrusted: read a bounded amount.
+                let _ = (&mut file).take(4096).read_to_string(&mut who);
+                let mut it = who.lines();
+                let pid = it.next().unwrap_or("?");
+                let mp = it.next().unwrap_or("?");
+                let msg = if mounted {
+                    format!(
+                        "{} is already mounted at {mp} (pid {pid}); unmount it first with `kekfs unmount {mp}`",
+                        backing.display()
+                    )
+                } else {
+                    format!(
+                        "{} is locked by kekfs pid {pid}, which has not mounted it (still \
+                         starting, or still shutting down after an unmount) and did not let \
+                         go within {} s",
+                        backing.display(),
+                        LOCK_WAIT.as_secs()
+                    )
+                };
+                return Err(CliError::new(exit::ALREADY_MOUNTED, msg));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(VolumeLock { file })
     }
 
     /// Record the holder (pid and mountpoint) for error messages and `status`.
