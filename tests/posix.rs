@@ -1480,6 +1480,80 @@ fn fallocate_modes() {
 // Permissions for a non-root user
 // ---------------------------------------------------------------------------------------
 
+/// Writing, truncating or allocating by a user other than root clears the setuid bit, and
+/// the setgid bit when the group may execute (as Linux does on its own filesystems); root
+/// keeps them. Checked with the default cache mode and with the write-back cache, which
+/// reach kekfs by different kernel paths.
+#[test]
+fn writes_by_other_users_clear_setuid_and_setgid() {
+    let Some(env) = setup("writes_by_other_users_clear_setuid_and_setgid") else {
+        return;
+    };
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for opts in [&["allow_other"][..], &["allow_other", "cache=writeback"]] {
+        let m = env.mount_with(opts);
+        fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+        let mode = |name: &str| fs::metadata(m.p(name)).unwrap().mode() & 0o7777;
+        let make = |name: &str, mode: u32| {
+            fs::write(m.p(name), b"0123456789").unwrap();
+            fs::set_permissions(m.p(name), fs::Permissions::from_mode(mode)).unwrap();
+        };
+        make("w", 0o6777);
+        make("w-nogx", 0o6767);
+        make("t", 0o6777);
+        make("a", 0o6777);
+        make("root", 0o6777);
+        let (w, w_nogx, t, a) = (c(&m.p("w")), c(&m.p("w-nogx")), c(&m.p("t")), c(&m.p("a")));
+        let code = as_nobody(|| {
+            // SAFETY: async-signal-safe syscalls only, on valid C strings and buffers.
+            unsafe {
+                for (i, path) in [&w, &w_nogx].into_iter().enumerate() {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return 100 + i as i32;
+                    }
+                    let n = libc::pwrite(fd, b"x".as_ptr().cast(), 1, 3);
+                    libc::close(fd);
+                    if n != 1 {
+                        return 110 + i as i32;
+                    }
+                }
+                if libc::truncate(t.as_ptr(), 4) != 0 {
+                    return 120;
+                }
+                let fd = libc::open(a.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::fallocate(fd, 0, 0, 8192) != 0 {
+                    return 130;
+                }
+                libc::close(fd);
+                0
+            }
+        });
+        assert_eq!(
+            code, 0,
+            "nobody's write/truncate/fallocate failed ({opts:?})"
+        );
+        assert_eq!(mode("w"), 0o777, "written by nobody ({opts:?})");
+        assert_eq!(
+            mode("w-nogx"),
+            0o2767,
+            "written by nobody, group may not execute: setgid stays ({opts:?})"
+        );
+        assert_eq!(mode("t"), 0o777, "truncated by nobody ({opts:?})");
+        assert_eq!(mode("a"), 0o777, "fallocate by nobody ({opts:?})");
+        assert_eq!(fs::read(m.p("w")).unwrap(), b"012x456789");
+        assert_eq!(fs::read(m.p("t")).unwrap(), b"0123");
+        assert_eq!(fs::metadata(m.p("a")).unwrap().len(), 8192);
+        // Root writing keeps both bits.
+        let f = OpenOptions::new().write(true).open(m.p("root")).unwrap();
+        f.write_all_at(b"y", 2).unwrap();
+        f.set_len(5).unwrap();
+        drop(f);
+        assert_eq!(mode("root"), 0o6777, "written by root ({opts:?})");
+        m.unmount();
+    }
+}
+
 #[test]
 fn permissions_enforced_for_other_users() {
     let Some(env) = setup("permissions_enforced_for_other_users") else {

@@ -456,6 +456,32 @@ impl KekFs {
         }
     }
 
+    /// Drop the setuid bit, and the setgid bit if the group may execute, from a file a
+    /// user without CAP_FSETID has modified: what Linux does on its own filesystems
+    /// (`file_remove_privs`), done here because kekfs takes that job from the kernel
+    /// (FUSE_HANDLE_KILLPRIV_V2). kekfs stores no `security.capability`, so there is no
+    /// capability to drop.
+    fn kill_suidgid(&self, node: &Node) -> Res<()> {
+        let fd = node.fd().map_err(|e| errno(&e))?;
+        let mode = sys::fstat(fd.as_raw_fd()).map_err(|e| errno(&e))?.st_mode;
+        let mut kept = mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kept &= !libc::S_ISGID;
+        }
+        if kept != mode {
+            sys::chmod_fd(fd.as_raw_fd(), kept & 0o7777).map_err(|e| errno(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Does this request modify a file on behalf of someone whose writes must clear
+    /// setuid/setgid? The kernel says so in a write's flags; for truncate and fallocate
+    /// fuser does not pass the kernel's flag on, so kekfs uses what it has: the caller is
+    /// not root (root, with CAP_FSETID, keeps the bits, as on Linux).
+    fn kills_privs(&self, req: &Request) -> bool {
+        !self.writeback && req.uid() != 0
+    }
+
     fn truncate_node(&self, node: &Node, file: &File, size: u64) -> Res<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
@@ -727,6 +753,14 @@ impl fuser::Filesystem for KekFs {
             // Directory operations in different directories run in parallel.
             InitFlags::FUSE_PARALLEL_DIROPS,
         ];
+        if !self.writeback {
+            // kekfs clears setuid/setgid itself (see `kill_suidgid`): without this the
+            // kernel asks for `security.capability` (a GETXATTR round trip) before every
+            // write to decide whether there is a privilege to drop. Measured: 4 KiB random
+            // writes 21-27k -> 35-46k IOPS. Not with the write-back cache, whose writes
+            // reach kekfs later and without the caller's credentials.
+            caps.push(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        }
         if self.writeback {
             // Kernel-side write-back caching: writes land in the page cache and reach
             // kekfs in large batches (on writeback, close or fsync). Safe with revocation:
@@ -761,7 +795,7 @@ impl fuser::Filesystem for KekFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -799,6 +833,9 @@ impl fuser::Filesystem for KekFs {
                         let f = self.open_content(&node, true)?;
                         self.truncate_node(&node, &f, size)?;
                     }
+                }
+                if mode.is_none() && self.kills_privs(req) {
+                    self.kill_suidgid(&node)?;
                 }
             }
             let fd = node.fd().map_err(|e| errno(&e))?;
@@ -1083,7 +1120,7 @@ impl fuser::Filesystem for KekFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1092,6 +1129,9 @@ impl fuser::Filesystem for KekFs {
             let h = self.file(fh)?;
             if !h.writable {
                 return Err(Errno::EBADF);
+            }
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.kill_suidgid(&h.node)?;
             }
             let _w = h
                 .node
@@ -1443,7 +1483,7 @@ impl fuser::Filesystem for KekFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1484,6 +1524,9 @@ impl fuser::Filesystem for KekFs {
             }
             if !keep_size && end > size {
                 content::truncate(&h.file, &c, end).map_err(|e| self.content_err(&h.node, e))?;
+            }
+            if self.kills_privs(req) {
+                self.kill_suidgid(&h.node)?;
             }
             Ok(())
         })();
