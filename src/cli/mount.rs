@@ -469,6 +469,27 @@ pub fn mount(args: MountArgs, mut popts: ProviderOptions) -> Result<(), CliError
     }
 }
 
+/// The sequential read-ahead window of a mount, in KiB: as large as the read-ahead the
+/// daemon asks for in INIT (`fuse::MAX_READAHEAD`). Linux starts a FUSE mount at its default
+/// window (128 KiB) whatever the filesystem asks for; only /sys/class/bdi raises it.
+/// Measured on a tmpfs backing, 512 MiB sequential 1 MiB reads, same mount alternating:
+/// 1150-1260 MiB/s at 128 KiB, 1530-1565 at 1024 KiB, 1430 at 4096 KiB.
+const READAHEAD_KB: u32 = crate::fuse::MAX_READAHEAD / 1024;
+
+/// Raise the mount's read-ahead window to `READAHEAD_KB` (needs root; without it the
+/// kernel default stays, which only costs sequential read speed).
+fn set_readahead(mountpoint: &Path) {
+    let Some(dev) = mounts::device_of(mountpoint) else {
+        info!("read-ahead left at the kernel default: mount not found in mountinfo");
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, format!("{READAHEAD_KB}\n")) {
+        Ok(()) => log::debug!("read-ahead {READAHEAD_KB} KiB ({path})"),
+        Err(e) => info!("read-ahead left at the kernel default ({path}: {e})"),
+    }
+}
+
 /// When a mount started and how long its phases took, for the "mounted" log line.
 struct MountTimes {
     started: Instant,
@@ -533,6 +554,7 @@ fn serve(
         )
     })?;
     lock.record(mountpoint);
+    set_readahead(mountpoint);
     let notifier = session.notifier();
     gate.on_revoke(move || purger.purge(&notifier));
     let timing = Timing {

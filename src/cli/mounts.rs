@@ -58,6 +58,25 @@ pub fn kekfs_mounts() -> Vec<MountEntry> {
         .collect()
 }
 
+/// The device number (`major:minor`) of the newest mount at `mountpoint`, from
+/// /proc/self/mountinfo. It names the mount's entry in /sys/class/bdi. Unlike a `stat` of
+/// the mountpoint, this does not call into the filesystem (whose daemon may not be
+/// serving yet).
+pub fn device_of(mountpoint: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dev = *f.get(2)?;
+            let at = f.get(4)?;
+            let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            let (major, minor) = dev.split_once(':')?;
+            (Path::new(&unescape(at)) == mountpoint && numeric(major) && numeric(minor))
+                .then(|| dev.to_string())
+        })
+        .next_back()
+}
+
 /// The kekfs mount at `mountpoint`, if any.
 pub fn find_by_mountpoint(mountpoint: &Path) -> Option<MountEntry> {
     kekfs_mounts()

@@ -34,6 +34,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long the kernel may cache attributes and entries.
 const TTL: Duration = Duration::from_secs(1);
 
+/// The largest read-ahead request kekfs asks the kernel for (bytes).
+pub const MAX_READAHEAD: u32 = 1 << 20;
+
 /// Flags for every opened or created file: no FLUSH request on close, as kekfs buffers
 /// nothing (writes reach the backing file before they are acknowledged; with the
 /// write-back cache the kernel sends FLUSH anyway, to write dirty pages back). Saves one
@@ -743,7 +746,7 @@ fn pre_epoch_fixup(t: SystemTime) -> SystemTime {
 impl fuser::Filesystem for KekFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
         let mut caps = vec![
             // Listings always carry attributes: no LOOKUP round trip per entry for
             // `ls -l`, `find`, `du`, `stat` after a listing. (READDIRPLUS_AUTO was
