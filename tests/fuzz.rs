@@ -547,7 +547,7 @@ fn fuzz_content_read_tampered_or_arbitrary() {
     let tmp = tempfile::NamedTempFile::new().unwrap();
     let file = tmp.as_file();
     let header = FileHeader::new_random();
-    let fc = w.volume.file_cipher(&header.file_id);
+    let fc = w.volume.file_cipher(&header);
     let reads = prop::collection::vec((0u64..32_768, 0u32..20_000), 1..4);
     let write = prop::option::of((0u64..24_000, 0usize..9000));
     fuzz(

@@ -152,6 +152,19 @@ fn verify_passes_on_a_healthy_volume_and_names_each_damage() {
     std::fs::write(&big, &original).unwrap();
     env.ok(&["verify", b]);
 
+    // Cut at a block boundary (after block 20): named as cut short at its new end.
+    f.set_len(FILE_HEADER + CT_BLOCK * 21).unwrap();
+    let v = verify_json(&env, &env.backing, 25);
+    assert_eq!(
+        findings(&v),
+        [("cut-short".into(), "/dir/big".into(), Some(20))],
+        "{v:#}"
+    );
+    let out = fails(&env, &["verify", b], 25);
+    assert!(out.contains("file cut short"), "{out}");
+    std::fs::write(&big, &original).unwrap();
+    env.ok(&["verify", b]);
+
     // A file whose header is gone (its first 24 bytes cut off).
     let small = backing_file(&env, 10);
     let small_orig = std::fs::read(&small).unwrap();

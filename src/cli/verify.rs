@@ -69,7 +69,8 @@ struct Stats {
 /// One problem.
 #[derive(Debug, Serialize)]
 struct Finding {
-    /// `kek`, `header`, `directory`, `name`, `file-header`, `block`, `symlink`, `xattr`, `io`.
+    /// `kek`, `header`, `directory`, `name`, `file-header`, `block`, `cut-short`, `symlink`,
+    /// `xattr`, `io`.
     kind: &'static str,
     /// Plaintext path (as far as known).
     path: String,
@@ -573,7 +574,7 @@ impl<'a> Walker<'a> {
                 return;
             }
         };
-        let fc = self.vol.file_cipher(&header.file_id);
+        let fc = self.vol.file_cipher(&header);
         let size = match content::size_of(&f) {
             Ok(s) => s,
             Err(e) => {
@@ -589,17 +590,18 @@ impl<'a> Walker<'a> {
             let len = CHUNK.min(size - off);
             match content::read(&f, &fc, off, len as u32) {
                 Ok(_) => {}
-                Err(ContentError::BadBlock(_)) => {
+                Err(ContentError::BadBlock(_) | ContentError::CutShort(_)) => {
                     let mut b = off;
                     while b < off + len {
                         let blen = BLOCK_SIZE.min(size - b);
                         if let Err(e) = content::read(&f, &fc, b, blen as u32) {
-                            let block = match &e {
-                                ContentError::BadBlock(n) => Some(*n),
-                                _ => None,
+                            let (kind, block) = match &e {
+                                ContentError::BadBlock(n) => ("block", Some(*n)),
+                                ContentError::CutShort(n) => ("cut-short", Some(*n)),
+                                _ => ("io", None),
                             };
                             self.r.findings.push(Finding {
-                                kind: if block.is_some() { "block" } else { "io" },
+                                kind,
                                 path: plain.to_string(),
                                 backing: path.to_path_buf(),
                                 block,

@@ -438,7 +438,7 @@ impl KekFs {
             Ok(None) => return Ok(None),
             Err(e) => return Err(self.content_err(node, e)),
         };
-        let c = Arc::new(vol.file_cipher(&header.file_id));
+        let c = Arc::new(vol.file_cipher(&header));
         *slot = Some((epoch, c.clone()));
         Ok(Some(c))
     }

@@ -2,7 +2,7 @@
 //! sealed 4 KiB blocks. Callers serialise writers per file; readers may run concurrently.
 
 use crate::crypto::aead::{Cipher, NonceBatch, OVERHEAD};
-use crate::format::file_header::{FILE_HEADER_LEN, FileHeader, block_aad};
+use crate::format::file_header::{FILE_HEADER_LEN, FILE_VERSION_LAST_MARK, FileHeader, block_aad};
 use crate::format::offsets::{
     BLOCK_SIZE, MAX_FILE_SIZE, block_ct_offset, block_plain_len, block_range, ciphertext_size,
     plaintext_size,
@@ -18,6 +18,9 @@ pub enum ContentError {
     Io(std::io::Error),
     /// Block `n` failed authentication (tampered, swapped, or torn).
     BadBlock(u64),
+    /// The file ends at block `n`, which was not sealed as a last block: the file was cut
+    /// short (or a block from inside it put at its end).
+    CutShort(u64),
     /// The file header is damaged.
     BadHeader(String),
     /// The requested size is beyond what kekfs can address.
@@ -29,6 +32,10 @@ impl std::fmt::Display for ContentError {
         match self {
             ContentError::Io(e) => write!(f, "I/O error: {e}"),
             ContentError::BadBlock(n) => write!(f, "corrupt block #{n} (authentication failed)"),
+            ContentError::CutShort(n) => write!(
+                f,
+                "file cut short: it ends at block #{n}, which was not written as its last block"
+            ),
             ContentError::BadHeader(m) => write!(f, "corrupt file header: {m}"),
             ContentError::TooLarge => f.write_str("file size out of range"),
         }
@@ -41,10 +48,12 @@ impl From<std::io::Error> for ContentError {
     }
 }
 
-/// The per-file content cipher: DEK, volume id and file id (the block AAD).
+/// The per-file content cipher: DEK, volume id, file id and format version (the block AAD).
 pub struct FileCipher {
     volume_id: [u8; 16],
     file_id: [u8; 16],
+    /// Version 2 files mark their last block in its AAD (see `FileHeader`).
+    marks_last: bool,
     cipher: Cipher,
 }
 
@@ -55,10 +64,11 @@ impl std::fmt::Debug for FileCipher {
 }
 
 impl FileCipher {
-    pub(crate) fn new(volume_id: [u8; 16], file_id: [u8; 16], cipher: Cipher) -> Self {
+    pub(crate) fn new(volume_id: [u8; 16], header: &FileHeader, cipher: Cipher) -> Self {
         Self {
             volume_id,
-            file_id,
+            file_id: header.file_id,
+            marks_last: header.version >= FILE_VERSION_LAST_MARK,
             cipher,
         }
     }
@@ -68,26 +78,74 @@ impl FileCipher {
         &self.file_id
     }
 
-    fn seal_block(&self, block: u64, plain: &[u8], out: &mut [u8]) {
-        self.seal_block_batch(&mut NonceBatch::new(1), block, plain, out);
+    fn aad(&self, block: u64, last: bool) -> crate::format::file_header::BlockAad {
+        let mark = self.marks_last.then_some(last);
+        block_aad(&self.volume_id, &self.file_id, block, mark)
     }
 
-    fn seal_block_batch(&self, nonces: &mut NonceBatch, block: u64, plain: &[u8], out: &mut [u8]) {
-        let aad = block_aad(&self.volume_id, &self.file_id, block);
-        self.cipher.seal_into_batch(nonces, &aad, plain, out);
+    /// Seal block `block`; `last`: it is the file's last block (marked in version 2 files).
+    fn seal_block(&self, block: u64, last: bool, plain: &[u8], out: &mut [u8]) {
+        self.seal_block_batch(&mut NonceBatch::new(1), block, last, plain, out);
     }
 
-    fn open_block(&self, block: u64, sealed: &[u8], out: &mut [u8]) -> Result<(), ContentError> {
+    fn seal_block_batch(
+        &self,
+        nonces: &mut NonceBatch,
+        block: u64,
+        last: bool,
+        plain: &[u8],
+        out: &mut [u8],
+    ) {
+        let aad = self.aad(block, last);
+        self.cipher
+            .seal_into_batch(nonces, aad.as_ref(), plain, out);
+    }
+
+    /// Open block `block`, which is the file's last block if `last`. In version 2 files the
+    /// last block must carry the last-block mark and must not be a hole; any other block
+    /// may carry the mark too (it had it while it was the last block, and a crash can come
+    /// between an append and the reseal that clears it; see `write`).
+    fn open_block(
+        &self,
+        block: u64,
+        last: bool,
+        sealed: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ContentError> {
         // An all-zero block is a hole left by truncate-extend or a sparse write.
         if sealed.iter().all(|&b| b == 0) {
+            if last && self.marks_last {
+                return Err(ContentError::CutShort(block));
+            }
             out.fill(0);
             return Ok(());
         }
-        let aad = block_aad(&self.volume_id, &self.file_id, block);
-        self.cipher
-            .open_into(&aad, sealed, out)
-            .map_err(|_| ContentError::BadBlock(block))
+        if self
+            .cipher
+            .open_into(self.aad(block, last).as_ref(), sealed, out)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if self.marks_last
+            && self
+                .cipher
+                .open_into(self.aad(block, !last).as_ref(), sealed, out)
+                .is_ok()
+        {
+            if !last {
+                return Ok(());
+            }
+            out.fill(0);
+            return Err(ContentError::CutShort(block));
+        }
+        Err(ContentError::BadBlock(block))
     }
+}
+
+/// Index of the last block of a file of plaintext size `size` (`None` when it is empty).
+fn last_block(size: u64) -> Option<u64> {
+    size.checked_sub(1).map(|s| s / BLOCK_SIZE)
 }
 
 /// Read the file header of a backing file; `None` for an empty file (no header yet).
@@ -211,10 +269,11 @@ fn read_sized(
             let s = off.max(bstart);
             let e = end.min(bstart + pl as u64);
             let dst = &mut out[(s - off) as usize..(e - off) as usize];
+            let is_last = Some(b) == last_block(size);
             if s == bstart && e == bstart + pl as u64 {
-                fc.open_block(b, sealed, dst)?;
+                fc.open_block(b, is_last, sealed, dst)?;
             } else {
-                fc.open_block(b, sealed, &mut tmp[..pl])?;
+                fc.open_block(b, is_last, sealed, &mut tmp[..pl])?;
                 dst.copy_from_slice(&tmp[(s - bstart) as usize..(e - bstart) as usize]);
             }
         }
@@ -225,7 +284,12 @@ fn read_sized(
 
 /// Write `data` at plaintext offset `off`, extending the file as needed. Blocks the write
 /// covers completely are sealed straight from `data`; partial first/last blocks are
-/// merged with their old content; everything goes out in one `pwrite`.
+/// merged with their old content; they all go out in one `pwrite`.
+///
+/// Version 2 files mark their last block. When a write extends the file past its old last
+/// block, that block keeps its mark through the main `pwrite` (sealed with it again if the
+/// write covers it), so that a crash inside the `pwrite` leaves a readable file; a second
+/// `pwrite` then reseals it without the mark.
 pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), ContentError> {
     let end = off
         .checked_add(data.len() as u64)
@@ -236,11 +300,26 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
     };
     let mut size = size_of(file)?;
     if off > size {
-        // Grow first so the gap is a run of holes that read as zeros.
-        truncate(file, fc, off)?;
-        size = off;
+        if fc.marks_last {
+            // The gap becomes holes; a partial last block before it is filled up to its
+            // block end first (still marked as the last block).
+            if let Some(l) = last_block(size)
+                && (l + 1) * BLOCK_SIZE <= off
+            {
+                let full = (l + 1) * BLOCK_SIZE;
+                pad_last_block(file, fc, size, full)?;
+                size = full;
+            }
+        } else {
+            // Grow first so the gap is a run of holes that read as zeros.
+            truncate(file, fc, off)?;
+            size = off;
+        }
     }
     let new_size = size.max(end);
+    let new_last = new_size.div_ceil(BLOCK_SIZE) - 1;
+    // The old last block, when this write makes another block the last one.
+    let demote = last_block(size).filter(|&l| fc.marks_last && l < new_last);
     let old_blocks = size.div_ceil(BLOCK_SIZE);
     // Old content of a partially written first/last block (None: covered or new).
     let partial_old = |b: u64| -> Result<Option<Vec<u8>>, ContentError> {
@@ -262,6 +341,8 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
     let ct_len = (block_ct_offset(last) + block_plain_len(last, new_size) as u64 + OVERHEAD as u64
         - block_ct_offset(first)) as usize;
     let mut nonces = NonceBatch::new(nblocks);
+    // The new plaintext of the demoted block, when this write covers it.
+    let mut demoted: Option<Vec<u8>> = None;
     with_ct_buf(ct_len, |ct| {
         let mut c = 0usize;
         let mut tmp = [0u8; BLOCK_SIZE as usize];
@@ -270,31 +351,46 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
             let bstart = b * BLOCK_SIZE;
             let out = &mut ct[c..c + pl + OVERHEAD];
             c += pl + OVERHEAD;
-            if off <= bstart && bstart + pl as u64 <= end {
+            let mark = b == new_last || Some(b) == demote;
+            let block: &[u8] = if off <= bstart && bstart + pl as u64 <= end {
                 let at = (bstart - off) as usize;
-                fc.seal_block_batch(&mut nonces, b, &data[at..at + pl], out);
-                continue;
+                &data[at..at + pl]
+            } else {
+                // Partial block: old content (or zeros), then this write's bytes over it.
+                let block = &mut tmp[..pl];
+                block.fill(0);
+                let old = if b == first { &old_first } else { &old_last };
+                if let Some(old) = old {
+                    block[..old.len()].copy_from_slice(old);
+                }
+                let s = off.max(bstart);
+                let e = end.min(bstart + pl as u64);
+                block[(s - bstart) as usize..(e - bstart) as usize]
+                    .copy_from_slice(&data[(s - off) as usize..(e - off) as usize]);
+                block
+            };
+            fc.seal_block_batch(&mut nonces, b, mark, block, out);
+            if Some(b) == demote {
+                demoted = Some(block.to_vec());
             }
-            // Partial block: old content (or zeros), then this write's bytes over it.
-            let block = &mut tmp[..pl];
-            block.fill(0);
-            let old = if b == first { &old_first } else { &old_last };
-            if let Some(old) = old {
-                block[..old.len()].copy_from_slice(old);
-            }
-            let s = off.max(bstart);
-            let e = end.min(bstart + pl as u64);
-            block[(s - bstart) as usize..(e - bstart) as usize]
-                .copy_from_slice(&data[(s - off) as usize..(e - off) as usize]);
-            fc.seal_block_batch(&mut nonces, b, block, out);
         }
         file.write_all_at(ct, block_ct_offset(first))
     })?;
+    if let Some(l) = demote {
+        let plain = match demoted {
+            Some(p) => p,
+            None => read_block(file, fc, new_size, l)?,
+        };
+        let mut ct = vec![0u8; plain.len() + OVERHEAD];
+        fc.seal_block(l, false, &plain, &mut ct);
+        file.write_all_at(&ct, block_ct_offset(l))?;
+    }
     Ok(())
 }
 
-/// When growing a file from `size` to at least `new_size`, reseal a partial last block
-/// with zeros up to the new size (or the block end), so the old tail stays authentic.
+/// Reseal a partial last block (of a file of size `size`) zero-padded to `new_size` (or to
+/// its block end), still as the last block, so the old tail stays authentic when the file
+/// grows.
 fn pad_last_block(
     file: &File,
     fc: &FileCipher,
@@ -310,12 +406,30 @@ fn pad_last_block(
     let new_len = (new_size - b * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
     plain.resize(new_len, 0);
     let mut ct = vec![0u8; new_len + OVERHEAD];
-    fc.seal_block(b, &plain, &mut ct);
+    fc.seal_block(b, true, &plain, &mut ct);
+    file.write_all_at(&ct, block_ct_offset(b))?;
+    Ok(())
+}
+
+/// Seal `plain` as block `b` (marked as the last block if `last`) and write it.
+fn put_block(
+    file: &File,
+    fc: &FileCipher,
+    b: u64,
+    last: bool,
+    plain: &[u8],
+) -> Result<(), ContentError> {
+    let mut ct = vec![0u8; plain.len() + OVERHEAD];
+    fc.seal_block(b, last, plain, &mut ct);
     file.write_all_at(&ct, block_ct_offset(b))?;
     Ok(())
 }
 
 /// Set the plaintext size to `new_size` (shrink or sparse-extend).
+///
+/// Version 2 files keep a real, marked last block: growing writes the new last block as
+/// sealed zeros (everything between stays holes) before it reseals the old last block
+/// without the mark; shrinking reseals the new last block with the mark before it cuts.
 pub fn truncate(file: &File, fc: &FileCipher, new_size: u64) -> Result<(), ContentError> {
     if new_size > MAX_FILE_SIZE {
         return Err(ContentError::TooLarge);
@@ -324,20 +438,42 @@ pub fn truncate(file: &File, fc: &FileCipher, new_size: u64) -> Result<(), Conte
     if new_size == size {
         return Ok(());
     }
-    if new_size > size {
-        pad_last_block(file, fc, size, new_size)?;
-    } else if !new_size.is_multiple_of(BLOCK_SIZE) {
-        // Reseal the new last block with its shortened plaintext.
-        let b = new_size / BLOCK_SIZE;
-        let mut plain = read_block(file, fc, size, b)?;
-        let keep = (new_size % BLOCK_SIZE) as usize;
-        plain.truncate(keep);
-        let mut ct = vec![0u8; keep + OVERHEAD];
-        fc.seal_block(b, &plain, &mut ct);
-        file.write_all_at(&ct, block_ct_offset(b))?;
+    if !fc.marks_last {
+        if new_size > size {
+            pad_last_block(file, fc, size, new_size)?;
+        } else if !new_size.is_multiple_of(BLOCK_SIZE) {
+            // Reseal the new last block with its shortened plaintext.
+            let b = new_size / BLOCK_SIZE;
+            let mut plain = read_block(file, fc, size, b)?;
+            plain.truncate((new_size % BLOCK_SIZE) as usize);
+            put_block(file, fc, b, true, &plain)?;
+        }
+        file.set_len(ciphertext_size(new_size))?;
+        return Ok(());
     }
-    file.set_len(ciphertext_size(new_size))?;
-    Ok(())
+    let Some(nl) = last_block(new_size) else {
+        file.set_len(ciphertext_size(0))?;
+        return Ok(());
+    };
+    let tail_len = (new_size - nl * BLOCK_SIZE) as usize;
+    if new_size < size {
+        let mut plain = read_block(file, fc, size, nl)?;
+        plain.truncate(tail_len);
+        put_block(file, fc, nl, true, &plain)?;
+        file.set_len(ciphertext_size(new_size))?;
+        return Ok(());
+    }
+    match last_block(size) {
+        Some(l) if l == nl => pad_last_block(file, fc, size, new_size),
+        Some(l) => {
+            pad_last_block(file, fc, size, (l + 1) * BLOCK_SIZE)?;
+            let full = (l + 1) * BLOCK_SIZE;
+            put_block(file, fc, nl, true, &vec![0u8; tail_len])?;
+            let plain = read_block(file, fc, full, l)?;
+            put_block(file, fc, l, false, &plain)
+        }
+        None => put_block(file, fc, nl, true, &vec![0u8; tail_len]),
+    }
 }
 
 /// Make plaintext range `[off, off+len)` (clipped to the file size) read as zeros, punching
@@ -349,7 +485,13 @@ pub fn zero_range(file: &File, fc: &FileCipher, off: u64, len: u64) -> Result<()
         return Ok(());
     }
     let first_full = off.div_ceil(BLOCK_SIZE);
-    let full_end = end / BLOCK_SIZE;
+    let mut full_end = end / BLOCK_SIZE;
+    if fc.marks_last
+        && let Some(l) = last_block(size)
+    {
+        // The last block stays a real block (written as sealed zeros below), never a hole.
+        full_end = full_end.min(l);
+    }
     if first_full >= full_end {
         return write(file, fc, off, &vec![0u8; (end - off) as usize]);
     }
@@ -399,17 +541,31 @@ mod tests {
     use crate::crypto::Key32;
 
     fn setup() -> (tempfile::NamedTempFile, FileCipher) {
+        setup_version(crate::format::file_header::FILE_VERSION)
+    }
+
+    fn setup_version(version: u16) -> (tempfile::NamedTempFile, FileCipher) {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let h = FileHeader::new_random();
+        let h = FileHeader {
+            version,
+            ..FileHeader::new_random()
+        };
         write_file_header(f.as_file(), &h).unwrap();
-        let fc = FileCipher::new([1; 16], h.file_id, Cipher::new(&Key32::from_bytes([2; 32])));
+        let fc = FileCipher::new([1; 16], &h, Cipher::new(&Key32::from_bytes([2; 32])));
         (f, fc)
     }
 
-    /// A model check: random writes/truncates against a Vec<u8>.
+    /// A model check: random writes/truncates/zeroed ranges against a Vec<u8>, for both
+    /// file versions.
     #[test]
     fn random_ops_match_model() {
-        let (f, fc) = setup();
+        for version in [1, 2] {
+            random_ops_match_model_for(version);
+        }
+    }
+
+    fn random_ops_match_model_for(version: u16) {
+        let (f, fc) = setup_version(version);
         let file = f.as_file();
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 42u64;
@@ -419,8 +575,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (seed >> 33) % m
         };
-        for i in 0..400 {
-            match rnd(4) {
+        for i in 0..600 {
+            match rnd(5) {
                 0 | 1 => {
                     let off = rnd(40_000);
                     let len = rnd(10_000) as usize;
@@ -437,16 +593,28 @@ mod tests {
                     truncate(file, &fc, ns).unwrap();
                     model.resize(ns as usize, 0);
                 }
+                3 => {
+                    let off = rnd(45_000);
+                    let len = rnd(20_000);
+                    zero_range(file, &fc, off, len).unwrap();
+                    let s = (off as usize).min(model.len());
+                    let e = ((off + len) as usize).min(model.len());
+                    model[s..e].fill(0);
+                }
                 _ => {
                     let off = rnd(45_000);
                     let len = rnd(20_000) as u32;
                     let got = read(file, &fc, off, len).unwrap();
                     let s = (off as usize).min(model.len());
                     let e = (off as usize + len as usize).min(model.len());
-                    assert_eq!(got, &model[s..e], "op {i}");
+                    assert_eq!(got, &model[s..e], "op {i}, version {version}");
                 }
             }
             assert_eq!(size_of(file).unwrap(), model.len() as u64);
+            if version >= 2 && !model.is_empty() {
+                // The whole file reads (its last block is marked and real).
+                assert_eq!(read(file, &fc, 0, u32::MAX).unwrap(), model, "op {i}");
+            }
         }
         let all = read(file, &fc, 0, u32::MAX).unwrap();
         assert_eq!(all, model);
@@ -473,6 +641,73 @@ mod tests {
             Err(ContentError::BadBlock(1))
         ));
         assert_eq!(read(file, &fc, 8192, 10).unwrap(), vec![7u8; 10]);
+    }
+
+    fn ct_block(file: &File, b: u64) -> Vec<u8> {
+        let mut v = vec![0u8; CT_BLOCK as usize];
+        file.read_exact_at(&mut v, block_ct_offset(b)).unwrap();
+        v
+    }
+
+    const CT_BLOCK: u64 = crate::format::offsets::CT_BLOCK_SIZE;
+
+    /// Version 2: a file cut at a block boundary, or ending in a hole, is refused at its
+    /// end; a version 1 file is not (the limit version 2 lifts).
+    #[test]
+    fn cut_at_a_block_boundary_is_detected() {
+        for version in [1u16, 2] {
+            let (f, fc) = setup_version(version);
+            let file = f.as_file();
+            let data: Vec<u8> = (0..3 * BLOCK_SIZE as usize).map(|i| i as u8).collect();
+            // Written as 3 separate appends: every block was the last one when written.
+            for k in 0..3 {
+                let r = k * BLOCK_SIZE as usize..(k + 1) * BLOCK_SIZE as usize;
+                write(file, &fc, r.start as u64, &data[r]).unwrap();
+            }
+            assert_eq!(read(file, &fc, 0, u32::MAX).unwrap(), data);
+            let full_len = file.metadata().unwrap().len();
+            // Cut after block 1 (an attacker's truncate of the backing file).
+            file.set_len(block_ct_offset(2)).unwrap();
+            let r = read(file, &fc, 0, u32::MAX);
+            if version == 1 {
+                assert_eq!(r.unwrap(), &data[..2 * BLOCK_SIZE as usize]);
+            } else {
+                assert!(matches!(r, Err(ContentError::CutShort(1))), "{r:?}");
+                // Blocks before the end still read.
+                assert_eq!(read(file, &fc, 0, 100).unwrap(), &data[..100]);
+            }
+            // Extended with an all-zero block (a hole) instead.
+            file.set_len(full_len).unwrap();
+            let r = read(file, &fc, 2 * BLOCK_SIZE, 10);
+            if version == 1 {
+                assert_eq!(r.unwrap(), vec![0u8; 10]);
+            } else {
+                assert!(matches!(r, Err(ContentError::CutShort(2))), "{r:?}");
+            }
+        }
+    }
+
+    /// Version 2: the window between an append's data and the reseal of the old last block
+    /// (a crash there) leaves a readable file; so does a shrink cut short before its cut.
+    #[test]
+    fn crash_windows_leave_readable_files() {
+        let (f, fc) = setup();
+        let file = f.as_file();
+        let data: Vec<u8> = (0..3 * BLOCK_SIZE as usize)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        write(file, &fc, 0, &data[..2 * BLOCK_SIZE as usize]).unwrap();
+        let marked = ct_block(file, 1);
+        write(file, &fc, 2 * BLOCK_SIZE, &data[2 * BLOCK_SIZE as usize..]).unwrap();
+        assert_ne!(ct_block(file, 1), marked, "the old last block was resealed");
+        // Before the reseal: block 1 still carries the mark.
+        file.write_all_at(&marked, block_ct_offset(1)).unwrap();
+        assert_eq!(read(file, &fc, 0, u32::MAX).unwrap(), data);
+        // A shrink to 2 blocks that stopped after resealing block 1 as the last block.
+        let third = ct_block(file, 2);
+        truncate(file, &fc, 2 * BLOCK_SIZE).unwrap();
+        file.write_all_at(&third, block_ct_offset(2)).unwrap();
+        assert_eq!(read(file, &fc, 0, u32::MAX).unwrap(), data);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod content;
 use crate::crypto::aead::Cipher;
 use crate::crypto::names::SivCipher;
 use crate::crypto::{Key32, kdf};
+use crate::format::file_header::FileHeader;
 use crate::format::names::{self, BackingName, MAX_PLAIN_NAME};
 use crate::format::volume_header::VolumeHeader;
 use crate::format::{DIRID_FILE, DIRID_LEN, FormatError, HEADER_LOCK_FILE, VOLUME_HEADER_FILE};
@@ -306,10 +307,12 @@ impl Volume {
         &self.header.volume_id
     }
 
-    /// The content cipher of one file (its DEK derived from the AEK and the file id).
-    pub fn file_cipher(&self, file_id: &[u8; 16]) -> FileCipher {
-        let dek = kdf::derive32(&self.aek, &self.header.volume_id, kdf::FILE_LABEL, file_id);
-        FileCipher::new(self.header.volume_id, *file_id, Cipher::new(&dek))
+    /// The content cipher of one file (its DEK derived from the AEK and the file id; the
+    /// header's version decides the block format).
+    pub fn file_cipher(&self, header: &FileHeader) -> FileCipher {
+        let id = &header.file_id;
+        let dek = kdf::derive32(&self.aek, &self.header.volume_id, kdf::FILE_LABEL, id);
+        FileCipher::new(self.header.volume_id, header, Cipher::new(&dek))
     }
 
     /// Encrypt a plaintext name for directory `dir_id`. `None` if the name is too long.
