@@ -317,28 +317,15 @@ mod tests {
     #[test]
     fn line_round_trip_keeps_order() {
         let l = Line {
-            time: "2027-01-01T00:00:00.000Z".into(),
             seq: 1,
             task_name: TASK_KEY_OPERATION.into(),
-            activity_id: "a".into(),
-            event_id: "e".into(),
-            category: "info".into(),
-            resource_id: String::new(),
-            key_vault: "soft:/ks".into(),
-            key: "k".into(),
-            version: "1".into(),
-            operation: op::UNWRAP.into(),
-            code: "200".into(),
-            message: String::new(),
             caller: Caller {
-                uid: 0,
-                pid: 1,
-                program: "kekfs".into(),
                 command: "mount".into(),
+                ..crate::audit::writer::tests_line(op::UNWRAP).caller
             },
             duration_ms: 1.5,
-            count: 1,
             prev: "0".repeat(64),
+            ..crate::audit::writer::tests_line(op::UNWRAP)
         };
         let s = serde_json::to_string(&l).unwrap();
         assert!(s.starts_with("{\"time\":"), "{s}");
