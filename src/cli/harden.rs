@@ -71,13 +71,13 @@ const FD_TABLE_PRESIZE: u64 = 16384;
 /// so this holds for the whole mount. Failure only costs that time, so it is ignored.
 pub fn presize_fd_table(limit: u64) {
     let want = limit.min(FD_TABLE_PRESIZE);
-    let Ok(null) = std::fs::File::open("/dev/null") else {
+    let Ok(min_fd) = libc::c_int::try_from(want.saturating_sub(1)) else {
         return;
     };
-    if want < 2 {
+    if min_fd < 1 {
         return;
     }
-    let Ok(min_fd) = libc::c_int::try_from(want - 1) else {
+    let Ok(null) = std::fs::File::open("/dev/null") else {
         return;
     };
     use std::os::fd::AsRawFd;

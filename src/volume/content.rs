@@ -261,6 +261,7 @@ fn read_sized(
         }
         let mut c = 0usize;
         let mut tmp = [0u8; BLOCK_SIZE as usize];
+        let file_last = last_block(size);
         for b in first..=last {
             let pl = block_plain_len(b, size);
             let sealed = &ct[c..c + pl + OVERHEAD];
@@ -269,7 +270,7 @@ fn read_sized(
             let s = off.max(bstart);
             let e = end.min(bstart + pl as u64);
             let dst = &mut out[(s - off) as usize..(e - off) as usize];
-            let is_last = Some(b) == last_block(size);
+            let is_last = Some(b) == file_last;
             if s == bstart && e == bstart + pl as u64 {
                 fc.open_block(b, is_last, sealed, dst)?;
             } else {
@@ -299,6 +300,9 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
         return Ok(());
     };
     let mut size = size_of(file)?;
+    // The new plaintext of the old last block when this write un-marks it and already has
+    // it in hand (padded below, or covered by the write); otherwise it is read back.
+    let mut demoted: Option<Vec<u8>> = None;
     if off > size {
         if fc.marks_last {
             // The gap becomes holes; a partial last block before it is filled up to its
@@ -307,7 +311,7 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
                 && (l + 1) * BLOCK_SIZE <= off
             {
                 let full = (l + 1) * BLOCK_SIZE;
-                pad_last_block(file, fc, size, full)?;
+                demoted = pad_last_block(file, fc, size, full)?;
                 size = full;
             }
         } else {
@@ -341,8 +345,6 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
     let ct_len = (block_ct_offset(last) + block_plain_len(last, new_size) as u64 + OVERHEAD as u64
         - block_ct_offset(first)) as usize;
     let mut nonces = NonceBatch::new(nblocks);
-    // The new plaintext of the demoted block, when this write covers it.
-    let mut demoted: Option<Vec<u8>> = None;
     with_ct_buf(ct_len, |ct| {
         let mut c = 0usize;
         let mut tmp = [0u8; BLOCK_SIZE as usize];
@@ -381,34 +383,30 @@ pub fn write(file: &File, fc: &FileCipher, off: u64, data: &[u8]) -> Result<(), 
             Some(p) => p,
             None => read_block(file, fc, new_size, l)?,
         };
-        let mut ct = vec![0u8; plain.len() + OVERHEAD];
-        fc.seal_block(l, false, &plain, &mut ct);
-        file.write_all_at(&ct, block_ct_offset(l))?;
+        put_block(file, fc, l, false, &plain)?;
     }
     Ok(())
 }
 
 /// Reseal a partial last block (of a file of size `size`) zero-padded to `new_size` (or to
 /// its block end), still as the last block, so the old tail stays authentic when the file
-/// grows.
+/// grows. Returns the padded plaintext (`None`: the last block was whole, nothing done).
 fn pad_last_block(
     file: &File,
     fc: &FileCipher,
     size: u64,
     new_size: u64,
-) -> Result<(), ContentError> {
+) -> Result<Option<Vec<u8>>, ContentError> {
     let rem = size % BLOCK_SIZE;
     if rem == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let b = size / BLOCK_SIZE;
     let mut plain = read_block(file, fc, size, b)?;
     let new_len = (new_size - b * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
     plain.resize(new_len, 0);
-    let mut ct = vec![0u8; new_len + OVERHEAD];
-    fc.seal_block(b, true, &plain, &mut ct);
-    file.write_all_at(&ct, block_ct_offset(b))?;
-    Ok(())
+    put_block(file, fc, b, true, &plain)?;
+    Ok(Some(plain))
 }
 
 /// Seal `plain` as block `b` (marked as the last block if `last`) and write it.
@@ -438,41 +436,39 @@ pub fn truncate(file: &File, fc: &FileCipher, new_size: u64) -> Result<(), Conte
     if new_size == size {
         return Ok(());
     }
-    if !fc.marks_last {
-        if new_size > size {
-            pad_last_block(file, fc, size, new_size)?;
-        } else if !new_size.is_multiple_of(BLOCK_SIZE) {
-            // Reseal the new last block with its shortened plaintext.
-            let b = new_size / BLOCK_SIZE;
-            let mut plain = read_block(file, fc, size, b)?;
-            plain.truncate((new_size % BLOCK_SIZE) as usize);
-            put_block(file, fc, b, true, &plain)?;
+    if new_size < size {
+        // Reseal the new last block with its shortened plaintext (and the mark); version 1
+        // files only need it when the new size ends inside a block.
+        if let Some(nl) = last_block(new_size)
+            && (fc.marks_last || !new_size.is_multiple_of(BLOCK_SIZE))
+        {
+            let mut plain = read_block(file, fc, size, nl)?;
+            plain.truncate((new_size - nl * BLOCK_SIZE) as usize);
+            put_block(file, fc, nl, true, &plain)?;
         }
         file.set_len(ciphertext_size(new_size))?;
         return Ok(());
     }
-    let Some(nl) = last_block(new_size) else {
-        file.set_len(ciphertext_size(0))?;
-        return Ok(());
-    };
-    let tail_len = (new_size - nl * BLOCK_SIZE) as usize;
-    if new_size < size {
-        let mut plain = read_block(file, fc, size, nl)?;
-        plain.truncate(tail_len);
-        put_block(file, fc, nl, true, &plain)?;
+    if !fc.marks_last {
+        pad_last_block(file, fc, size, new_size)?;
         file.set_len(ciphertext_size(new_size))?;
         return Ok(());
     }
+    let nl = new_size.div_ceil(BLOCK_SIZE) - 1;
+    let zeros = vec![0u8; (new_size - nl * BLOCK_SIZE) as usize];
     match last_block(size) {
-        Some(l) if l == nl => pad_last_block(file, fc, size, new_size),
+        Some(l) if l == nl => pad_last_block(file, fc, size, new_size).map(drop),
         Some(l) => {
-            pad_last_block(file, fc, size, (l + 1) * BLOCK_SIZE)?;
             let full = (l + 1) * BLOCK_SIZE;
-            put_block(file, fc, nl, true, &vec![0u8; tail_len])?;
-            let plain = read_block(file, fc, full, l)?;
+            let padded = pad_last_block(file, fc, size, full)?;
+            put_block(file, fc, nl, true, &zeros)?;
+            let plain = match padded {
+                Some(p) => p,
+                None => read_block(file, fc, full, l)?,
+            };
             put_block(file, fc, l, false, &plain)
         }
-        None => put_block(file, fc, nl, true, &vec![0u8; tail_len]),
+        None => put_block(file, fc, nl, true, &zeros),
     }
 }
 
