@@ -140,11 +140,25 @@ class Kekfs(FuseTarget):
 
     def teardown(self):
         if os.path.ismount(self.mnt):
+            st = subprocess.run([self.bin, "status", self.mnt, "--json"],
+                                capture_output=True, text=True)
+            try:
+                self.transport = json.loads(st.stdout).get("transport") or self.transport
+            except ValueError:
+                pass
             subprocess.run([self.bin, "unmount", self.mnt], capture_output=True)
         super().teardown()
 
     def version(self):
         return version([self.bin, "--version"])
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def fio_job(name, rw, bs, size, extra, runtime):
@@ -308,8 +322,12 @@ def main():
                       flush=True)
         report = {
             "date": stamp,
-            "machine": {"kernel": os.uname().release, "cpus": os.cpu_count()},
+            "machine": {"kernel": os.uname().release, "cpus": os.cpu_count(),
+                        "fuse_enable_uring": read_text(
+                            "/sys/module/fuse/parameters/enable_uring")},
             "versions": {t.name: t.version() for t in targets},
+            "kekfs_transport": next((getattr(t, "transport", None) for t in targets
+                                     if t.name == "kekfs"), None),
             "reps": a.reps,
             "quick": a.quick,
             "units": units,

@@ -399,7 +399,15 @@ mod tests {
         );
         let o = mount::parse_options(&["dev,nodev,sync,async,sync".into()]).unwrap();
         assert_eq!(o.flags, vec![MountOption::NoDev, MountOption::Sync]);
-        for bad in ["remount", "bogus", "passfile=", "threads=0"] {
+        for bad in [
+            "remount",
+            "bogus",
+            "passfile=",
+            "threads=0",
+            "uring=on",
+            "spin=1h",
+            "spin=fast",
+        ] {
             assert!(mount::parse_options(&[bad.into()]).is_err(), "{bad}");
         }
     }

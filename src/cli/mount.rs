@@ -63,6 +63,11 @@ pub struct Options {
     pub grace: Option<Duration>,
     /// `cache=writeback`: kernel write-back caching (default: write-through).
     pub writeback: bool,
+    /// `uring=off`: serve /dev/fuse only, even where the kernel offers FUSE over io_uring.
+    pub no_uring: bool,
+    /// `spin=DURATION`: how long an io_uring thread looks for the next request before it
+    /// sleeps.
+    pub spin: Option<Duration>,
     /// `audit=fail-closed|best-effort`: what to do when the audit log cannot be written.
     pub audit: Option<crate::audit::Policy>,
     /// `audit_dir=DIR`: base directory of the volume's audit log.
@@ -71,7 +76,26 @@ pub struct Options {
     pub audit_heartbeat: Option<Duration>,
 }
 
-/// Parse a duration: `500ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
+/// Threads serving each CPU's io_uring queue. Two, so one long request (an fsync, a
+/// big read) does not hold up every other caller on that CPU.
+const URING_THREADS_PER_CPU: usize = 2;
+
+/// How long an io_uring thread looks for the next request before it sleeps (`spin=`).
+/// Back-to-back requests (queue depth 1) then find the thread awake: measured here, 4 KiB
+/// direct random reads 43k -> 74-83k IOPS. Costs CPU time only while requests keep coming
+/// (at most this long after the last one).
+const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+
+/// How requests reach the daemon, for `kekfs status`.
+fn transport(uring_active: &std::sync::atomic::AtomicBool) -> &'static str {
+    if uring_active.load(std::sync::atomic::Ordering::Relaxed) {
+        "io_uring"
+    } else {
+        "/dev/fuse"
+    }
+}
+
+/// Parse a duration: `50us`, `500ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -80,6 +104,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     };
     let n: f64 = num.parse().ok()?;
     let mult = match unit {
+        "us" => 0.000_001,
         "ms" => 0.001,
         "s" => 1.0,
         "m" | "min" => 60.0,
@@ -161,6 +186,28 @@ pub fn parse_options(list: &[String]) -> Result<Options, CliError> {
                     ));
                 }
             },
+            "uring" => match need(v)?.as_str() {
+                "auto" => o.no_uring = false,
+                "off" => o.no_uring = true,
+                other => {
+                    return Err(CliError::new(
+                        exit::USAGE,
+                        format!("uring={other}: expected auto or off"),
+                    ));
+                }
+            },
+            "spin" => {
+                let raw = need(v)?;
+                let d = parse_duration(&raw)
+                    .filter(|d| *d <= Duration::from_millis(10))
+                    .ok_or_else(|| {
+                        CliError::new(
+                            exit::USAGE,
+                            format!("spin={raw}: expected a duration from 0 to 10ms, like 50us"),
+                        )
+                    })?;
+                o.spin = Some(d);
+            }
             "poll" | "grace" => {
                 let raw = need(v)?;
                 let d = parse_duration(&raw).ok_or_else(|| {
@@ -515,7 +562,7 @@ fn serve(
     crate::fuse::sys::set_umask(0);
     let vid = volume::hex(vol.id());
     let gate = Arc::new(Gate::new(vol));
-    let fs =
+    let mut fs =
         KekFs::with_cache(gate.clone(), backing, opts.read_only, opts.writeback).map_err(|e| {
             CliError::new(
                 exit::MOUNT_FAILED,
@@ -544,6 +591,11 @@ fn serve(
     config.n_threads = Some(opts.threads.unwrap_or(4));
     // One /dev/fuse descriptor per thread: no contention on a shared channel lock.
     config.clone_fd = true;
+    if !opts.no_uring {
+        config.io_uring_threads = URING_THREADS_PER_CPU;
+        config.io_uring_spin = opts.spin.unwrap_or(DEFAULT_SPIN);
+        fs.request_io_uring();
+    }
     let purger = fs.cache_purger();
     fs.set_fd_limit(super::harden::nofile_limit());
     daemon::block_signals();
@@ -555,6 +607,7 @@ fn serve(
     })?;
     lock.record(mountpoint);
     set_readahead(mountpoint);
+    let uring_active = session.io_uring_active();
     let notifier = session.notifier();
     gate.on_revoke(move || purger.purge(&notifier));
     let timing = Timing {
@@ -603,6 +656,7 @@ fn serve(
         last_ok_poll: Some(crate::time::unix_now()),
         poll_ms: timing.poll.as_millis() as u64,
         grace_ms: timing.grace.as_millis() as u64,
+        transport: transport(&uring_active).into(),
     };
     status::publish(&published);
     monitor.on_poll = Some(Box::new(move |gate, last_ok, key_version| {
@@ -610,6 +664,7 @@ fn serve(
         p.key_state = status::state_json(gate);
         p.last_ok_poll = last_ok.map(crate::time::unix_secs);
         p.key_version = key_version.unwrap_or(p.key_version);
+        p.transport = transport(&uring_active).into();
         status::publish(&p);
     }));
     let stop = Stop::default();
@@ -761,6 +816,8 @@ pub struct Status {
     pub key_state: Option<serde_json::Value>,
     /// Last successful KEK poll (Unix seconds), if mounted.
     pub last_ok_poll: Option<u64>,
+    /// How the kernel's requests reach the daemon (`io_uring` or `/dev/fuse`), if mounted.
+    pub transport: Option<String>,
 }
 
 fn status_of(backing: &Path, entry: Option<&mounts::MountEntry>) -> Result<Status, CliError> {
@@ -788,6 +845,7 @@ fn status_of(backing: &Path, entry: Option<&mounts::MountEntry>) -> Result<Statu
         options: entry.map(|e| e.options.clone()),
         key_state: published.as_ref().map(|p| p.key_state.clone()),
         last_ok_poll: published.as_ref().and_then(|p| p.last_ok_poll),
+        transport: published.as_ref().map(|p| p.transport.clone()),
     })
 }
 
@@ -846,6 +904,9 @@ pub fn status(path: Option<&Path>, json: bool) -> Result<(), CliError> {
         );
         if let Some(o) = &s.options {
             println!("  options:    {o}");
+        }
+        if let Some(t) = s.transport.as_deref().filter(|t| !t.is_empty()) {
+            println!("  transport:  {t}");
         }
         if let Some(st) = &s.key_state {
             let name = st.get("state").and_then(|v| v.as_str()).unwrap_or("?");

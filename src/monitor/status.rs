@@ -44,6 +44,9 @@ pub struct Published {
     pub poll_ms: u64,
     /// Grace period (ms).
     pub grace_ms: u64,
+    /// How the kernel's requests reach the daemon: `io_uring` or `/dev/fuse`.
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// Path of a volume's status file.
