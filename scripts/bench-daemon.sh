@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "needs root (mounts tmpfs and FUSE filesystems)" >&2; exit 1; }
 scripts/deps.sh
 cargo build --release --locked -q
+scripts/enable-uring.sh   # the cpu phase compares io_uring (default) with /dev/fuse
 exec python3 scripts/bench_daemon.py --kekfs "$PWD/target/release/kekfs" "$@"

@@ -11,9 +11,5 @@ cargo build --release --locked -q
 # kekfs carries requests over FUSE over io_uring where the kernel offers it (Linux 6.14+;
 # off until the fuse module's enable_uring is set). The peers do not use it. Pass
 # --kekfs-options uring=off to measure kekfs on /dev/fuse instead.
-uring=/sys/module/fuse/parameters/enable_uring
-if [ -w "$uring" ] && [ "$(cat "$uring")" != Y ]; then
-  echo Y > "$uring"
-  echo "bench-fio.sh: turned on FUSE over io_uring ($uring=Y)" >&2
-fi
+scripts/enable-uring.sh
 exec python3 scripts/bench_fio.py --kekfs "$PWD/target/release/kekfs" "$@"

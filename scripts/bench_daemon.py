@@ -9,6 +9,11 @@ rss:    a 4-job 4 KiB random read/write fio load on one 2 GiB file for --seconds
         sampling the daemon's VmRSS every 0.2 s; then 20000 small files created,
         stat'ed and deleted, to show per-file state is freed. Reports peak RSS, RSS
         after each phase, and VmHWM.
+cpu:    what the transport and spinning cost: for the default mount (FUSE over io_uring
+        with spinning, where the kernel offers it), spin=0 and uring=off, a 4 KiB direct
+        random-read fio job at queue depth 1 for --cpu-seconds, then as long without I/O;
+        reports IOPS, the daemon's CPU time (all threads) per second and per request
+        under load, and its CPU time per second while idle.
 Benchmark figures only, never pass/fail.
 """
 import argparse
@@ -187,6 +192,54 @@ def bench_rss(vol, seconds, size, file_rounds):
         vol.unmount()
 
 
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+
+def bench_cpu(vol, seconds):
+    hz = os.sysconf("SC_CLK_TCK")
+    base = vol.options
+    out = {}
+    for name, extra in [("default", ""), ("spin=0", "spin=0"), ("uring=off", "uring=off")]:
+        vol.options = ",".join(o for o in (base, extra) if o)
+        vol.mount()
+        try:
+            pid = vol.pid()
+            path = os.path.join(vol.mnt, "cpu.dat")
+            sh(["fio", "--name=prep", f"--filename={path}", "--size=256m", "--bs=1m",
+                "--rw=write", "--end_fsync=1"], stdout=subprocess.DEVNULL)
+            t0, c0 = time.monotonic(), cpu_ticks(pid)
+            res = subprocess.run(["fio", "--name=qd1", f"--filename={path}", "--size=256m",
+                                  "--bs=4k", "--rw=randread", "--direct=1", "--ioengine=psync",
+                                  "--time_based", f"--runtime={seconds}", "--output-format=json"],
+                                 check=True, capture_output=True, text=True)
+            t1, c1 = time.monotonic(), cpu_ticks(pid)
+            time.sleep(seconds)
+            t2, c2 = time.monotonic(), cpu_ticks(pid)
+            st = json.loads(subprocess.run([vol.bin, "status", vol.mnt, "--json"],
+                                           capture_output=True, text=True).stdout or "{}")
+            job = json.loads(res.stdout)["jobs"][0]["read"]
+            ops = job["total_ios"]
+            busy = (c1 - c0) / hz
+            out[name] = {
+                "transport": st.get("transport"),
+                "iops": job["iops"],
+                "daemon_cpu_per_s_loaded": busy / (t1 - t0),
+                "daemon_cpu_us_per_request": busy / ops * 1e6 if ops else None,
+                "daemon_cpu_per_s_idle": (c2 - c1) / hz / (t2 - t1),
+            }
+            print(f"cpu {name:10s} {out[name]['transport'] or '?':10s} "
+                  f"{job['iops']:8.0f} IOPS, daemon {out[name]['daemon_cpu_per_s_loaded']:.2f} "
+                  f"CPU-s/s loaded ({out[name]['daemon_cpu_us_per_request'] or 0:.1f} us/request), "
+                  f"{out[name]['daemon_cpu_per_s_idle']:.3f} idle", flush=True)
+        finally:
+            vol.unmount()
+    vol.options = base
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +248,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--size", default="2g")
     ap.add_argument("--file-rounds", type=int, default=4)
+    ap.add_argument("--cpu-seconds", type=int, default=8)
+    ap.add_argument("--only", default="mount,rss,cpu", help="comma list of phases")
     ap.add_argument("--options", default="", help="extra -o options for kekfs")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
@@ -204,7 +259,14 @@ def main():
         sh(["mount", "-t", "tmpfs", "-o", "size=6g", "tmpfs", work])
         try:
             vol = Volume(a.kekfs, work, a.options)
-            res = {"mount": bench_mount(vol, a.mounts), "rss": bench_rss(vol, a.seconds, a.size, a.file_rounds)}
+            only = a.only.split(",")
+            res = {}
+            if "mount" in only:
+                res["mount"] = bench_mount(vol, a.mounts)
+            if "rss" in only:
+                res["rss"] = bench_rss(vol, a.seconds, a.size, a.file_rounds)
+            if "cpu" in only:
+                res["cpu"] = bench_cpu(vol, a.cpu_seconds)
         finally:
             subprocess.run(["umount", "-l", os.path.join(work, "mnt")], capture_output=True)
             subprocess.run(["umount", work], check=False)

@@ -6,9 +6,9 @@
 //! the thread owning the ring dispatches the request to the filesystem, writes the reply
 //! into the same buffers and sends `COMMIT_AND_FETCH`, which hands the reply over and arms
 //! the entry for the next request in one system call. A request goes to the queue of the
-//! CPU its caller runs on, and the queue's threads are pinned to that CPU, so a request
-//! and its reply do not cross CPUs. Forgets, interrupts and notifications keep travelling
-//! through /dev/fuse, whose reader threads run as before.
+//! CPU its caller runs on, and the queue's first thread is pinned to that CPU, so a
+//! request and its reply need not cross CPUs. Forgets, interrupts and notifications keep
+//! travelling through /dev/fuse, whose reader threads run as before.
 //!
 //! Layout of the buffers (`include/uapi/linux/fuse.h`, `struct fuse_uring_req_header`):
 //! the header buffer holds the in header (or, for the reply, the out header) in its first
@@ -17,7 +17,6 @@
 //! request (names, write data) and all of a reply after the out header are in the payload
 //! buffer.
 
-use std::alloc::Layout;
 use std::io;
 use std::io::IoSlice;
 use std::os::fd::AsFd;
@@ -274,8 +273,9 @@ pub(crate) fn start<FS: Filesystem>(
     // SAFETY: `fd` was just returned by eventfd(2) and is owned by nobody else.
     let stop = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut threads = Vec::new();
-    for (qid, &cpu) in cpus.iter().enumerate() {
-        let Ok(qid) = u16::try_from(qid) else { break };
+    for &cpu in &cpus {
+        // The kernel picks a request's queue by the number of the CPU its caller runs on.
+        let Ok(qid) = u16::try_from(cpu) else { break };
         for t in 0..params.threads_per_queue.max(1) {
             let name = format!("fuse-uring-{cpu}-{t}");
             let se = SessionEventLoop {
@@ -288,7 +288,13 @@ pub(crate) fn start<FS: Filesystem>(
             let stop_fd = stop.as_raw_fd();
             let params = params.clone();
             let spawned = thread::Builder::new().name(name).spawn(move || {
-                if let Err(err) = run_queue(&se, qid, cpu, stop_fd, &params) {
+                // The first thread of a queue stays on the queue's CPU, so a caller and the
+                // thread serving it share a CPU; the others float, so that a burst of
+                // requests from one CPU (read-ahead of a sequential read) is served on
+                // several. Measured: all pinned, seq read 826-955 MiB/s; first pinned,
+                // 1506; 4 KiB jobs the same within the noise.
+                let pin = (t == 0).then_some(cpu);
+                if let Err(err) = run_queue(&se, qid, pin, stop_fd, &params) {
                     warn!("io_uring queue {qid}: {err}; requests go through /dev/fuse");
                 }
             });
@@ -319,7 +325,8 @@ struct Entry {
     /// `PREFIX` bytes of room, then the payload buffer; 8-aligned, so every offset that is
     /// a multiple of 8 is aligned for the request parser.
     buf: *mut u8,
-    layout: Layout,
+    /// Size of the mapping at `buf`: PREFIX + payload.
+    len: usize,
     payload: usize,
     iov: Box<[libc::iovec; 2]>,
     reply: Arc<UringReply>,
@@ -327,11 +334,11 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        // SAFETY: both were allocated in `Entry::new` with these layouts and are freed
-        // only here; the caller keeps an entry the kernel may still write to alive.
+        // SAFETY: both were allocated in `Entry::new` (Box, mmap of `len` bytes) and are
+        // freed only here; the caller keeps an entry the kernel may still write to alive.
         unsafe {
             drop(Box::from_raw(self.header));
-            std::alloc::dealloc(self.buf, self.layout);
+            libc::munmap(self.buf.cast(), self.len);
         }
     }
 }
@@ -343,15 +350,27 @@ impl Entry {
             op_in: [0; HEADER_AREA],
             ring_ent_in_out: EntInOut::default(),
         }));
-        let layout = Layout::from_size_align(PREFIX + payload, 4096)
-            .map_err(|_| io::Error::other("payload size too large"))?;
-        // SAFETY: the layout has a non-zero size (PREFIX > 0).
-        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
-        if buf.is_null() {
+        let len = PREFIX + payload;
+        // An anonymous mapping: page-aligned, zero-filled, and taking memory only for the
+        // pages requests and replies actually reach (most are far smaller than max_write).
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let buf = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if buf == libc::MAP_FAILED {
+            let err = io::Error::last_os_error();
             // SAFETY: `header` came from Box::into_raw just above.
             drop(unsafe { Box::from_raw(header) });
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+            return Err(err);
         }
+        let buf = buf.cast::<u8>();
         let iov = Box::new([
             libc::iovec {
                 iov_base: header.cast(),
@@ -366,7 +385,7 @@ impl Entry {
         Ok(Entry {
             header,
             buf,
-            layout,
+            len,
             payload,
             iov,
             reply: Arc::new(UringReply::new(dev, payload)),
@@ -533,11 +552,13 @@ fn pin_to_cpu(cpu: usize) {
 fn run_queue<FS: Filesystem>(
     se: &SessionEventLoop<FS>,
     qid: u16,
-    cpu: usize,
+    cpu: Option<usize>,
     stop: RawFd,
     params: &UringParams,
 ) -> io::Result<()> {
-    pin_to_cpu(cpu);
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu);
+    }
     let dev = se.ch.as_fd().as_raw_fd();
     // One issuer (this thread); completions are delivered at this thread's next system
     // call rather than by interrupting it (the spin below makes one at every turn).
@@ -622,7 +643,7 @@ fn run_queue<FS: Filesystem>(
         if !registered {
             registered = true;
             params.active.store(true, Ordering::Relaxed);
-            debug!("io_uring: queue {qid} serving on CPU {cpu}");
+            debug!("io_uring: queue {qid} serving (pinned to {cpu:?})");
         }
         let commit_id = entry.serve(se);
         let sqe = commit_sqe(dev, commit_id, qid);
