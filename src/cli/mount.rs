@@ -659,6 +659,27 @@ fn serve(
         transport: transport(&uring_active).into(),
     };
     status::publish(&published);
+    // The rings register a few milliseconds into the session, after this first
+    // publication: publish again once they have, rather than at the next key poll.
+    if !opts.no_uring {
+        let mut p = published.clone();
+        let active = uring_active.clone();
+        let gate = gate.clone();
+        let _ = std::thread::Builder::new()
+            .name("kekfs-transport".into())
+            .spawn(move || {
+                let since = std::time::Instant::now();
+                while !active.load(std::sync::atomic::Ordering::Acquire) {
+                    if since.elapsed() > Duration::from_secs(3) {
+                        return; // not over io_uring: the first publication stands
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                p.key_state = status::state_json(&gate);
+                p.transport = transport(&active).into();
+                status::publish(&p);
+            });
+    }
     monitor.on_poll = Some(Box::new(move |gate, last_ok, key_version| {
         let mut p = published.clone();
         p.key_state = status::state_json(gate);

@@ -789,8 +789,15 @@ impl fuser::Filesystem for KekFs {
             caps.push(InitFlags::FUSE_OVER_IO_URING);
         }
         for cap in caps {
-            if let Err(missing) = config.add_capabilities(cap) {
-                log::info!("kernel lacks FUSE capability {missing:?}; continuing without it");
+            match config.add_capabilities(cap) {
+                Ok(()) => {}
+                Err(_) if cap == InitFlags::FUSE_OVER_IO_URING => log::info!(
+                    "FUSE over io_uring unavailable (it needs Linux 6.14+ with \
+                     /sys/module/fuse/parameters/enable_uring=Y); serving /dev/fuse"
+                ),
+                Err(missing) => {
+                    log::info!("kernel lacks FUSE capability {missing:?}; continuing without it")
+                }
             }
         }
         Ok(())

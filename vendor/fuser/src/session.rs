@@ -526,6 +526,8 @@ impl<FS: Filesystem> Session<FS> {
                     threads_per_queue: self.config.io_uring_threads,
                     spin: self.config.io_uring_spin,
                     active: self.uring_active.clone(),
+                    registered: Arc::default(),
+                    threads: 0,
                 });
             }
 
@@ -537,8 +539,9 @@ impl<FS: Filesystem> Session<FS> {
         }
     }
 
-    /// A flag that turns true once requests travel over FUSE over io_uring (see
-    /// `Config::io_uring_threads`); it stays false on /dev/fuse.
+    /// A flag that turns true once requests travel over FUSE over io_uring (every ring
+    /// thread registered, a few milliseconds into `run`; see `Config::io_uring_threads`);
+    /// it stays false on /dev/fuse.
     pub fn io_uring_active(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.uring_active.clone()
     }

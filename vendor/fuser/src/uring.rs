@@ -27,6 +27,7 @@ use std::os::fd::RawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
@@ -86,6 +87,11 @@ struct ReqHeader {
     ring_ent_in_out: EntInOut,
 }
 
+// The kernel's sizes: 128 + 128 bytes of headers, then 32 bytes of entry data.
+const _: () = assert!(size_of::<EntInOut>() == 32);
+const _: () = assert!(size_of::<ReqHeader>() == 2 * HEADER_AREA + 32);
+const _: () = assert!(size_of::<squeue::Entry128>() == 128);
+
 /// How the io_uring transport is set up for one session.
 #[derive(Debug, Clone)]
 pub(crate) struct UringParams {
@@ -95,9 +101,22 @@ pub(crate) struct UringParams {
     pub(crate) threads_per_queue: usize,
     /// How long a thread keeps looking for the next request before it sleeps.
     pub(crate) spin: Duration,
-    /// Set once a request has come through a ring (the kernel uses the rings only when
-    /// every CPU queue has an entry registered).
+    /// Set once every ring thread's entry is registered: from then on the kernel sends
+    /// requests through the rings (it waits for every CPU queue to have an entry).
     pub(crate) active: Arc<AtomicBool>,
+    /// Ring threads whose entry the kernel has accepted, and how many there are.
+    pub(crate) registered: Arc<AtomicUsize>,
+    pub(crate) threads: usize,
+}
+
+impl UringParams {
+    /// Counts one more registered entry; the last one switches `active` on.
+    fn count_registered(&self) {
+        if self.registered.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.active.store(true, Ordering::Release);
+            info!("FUSE over io_uring: every queue is registered; requests use the rings");
+        }
+    }
 }
 
 /// Where the reply to a request that came through a ring entry goes. While the request is
@@ -257,14 +276,16 @@ fn possible_cpus() -> Vec<usize> {
 /// (io_uring disabled, an old kernel) they log why and exit, and /dev/fuse keeps serving.
 pub(crate) fn start<FS: Filesystem>(
     template: &SessionEventLoop<FS>,
-    params: UringParams,
+    mut params: UringParams,
 ) -> io::Result<UringThreads> {
-    let cpus = possible_cpus();
+    let mut cpus = possible_cpus();
+    cpus.retain(|&cpu| u16::try_from(cpu).is_ok());
     if cpus.is_empty() {
         return Err(io::Error::other(
             "cannot read the possible CPUs from /sys/devices/system/cpu/possible",
         ));
     }
+    params.threads = cpus.len() * params.threads_per_queue.max(1);
     // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -583,7 +604,15 @@ fn run_queue<FS: Filesystem>(
         sq.push(&register)
             .map_err(|_| io::Error::other("submission queue full"))?;
     }
-    let mut registered = false;
+    // A REGISTER the kernel refuses completes at once, with an error; an accepted one
+    // stays pending until a request arrives. So an empty completion queue right after the
+    // submission means the entry is registered.
+    ring.submit()?;
+    let mut registered = ring.completion().is_empty();
+    if registered {
+        params.count_registered();
+        debug!("io_uring: queue {qid} registered (pinned to {cpu:?})");
+    }
     // Whether the kernel may still write into the entry's buffers.
     let mut held = true;
     let result = loop {
@@ -642,8 +671,8 @@ fn run_queue<FS: Filesystem>(
         }
         if !registered {
             registered = true;
-            params.active.store(true, Ordering::Relaxed);
-            debug!("io_uring: queue {qid} serving (pinned to {cpu:?})");
+            params.count_registered();
+            debug!("io_uring: queue {qid} registered (pinned to {cpu:?})");
         }
         let commit_id = entry.serve(se);
         let sqe = commit_sqe(dev, commit_id, qid);
