@@ -261,6 +261,11 @@ impl UringThreads {
 /// CPU and waits for all of them to have an entry before it uses the rings.
 fn possible_cpus() -> Vec<usize> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    parse_cpu_list(&text)
+}
+
+/// A kernel CPU list (`0-3,8,10-11`) as CPU numbers; empty if it does not parse.
+fn parse_cpu_list(text: &str) -> Vec<usize> {
     let mut cpus = Vec::new();
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         let (lo, hi) = part.split_once('-').unwrap_or((part, part));
@@ -689,4 +694,65 @@ fn run_queue<FS: Filesystem>(
     // Otherwise closing the ring cancels the command asynchronously and the kernel may
     // still write into the buffers until then: they are left to the process's exit.
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-1\n"), vec![0, 1]);
+        assert_eq!(parse_cpu_list("0-2,5,7-8"), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(parse_cpu_list("3"), vec![3]);
+        for bad in ["", "x", "2-1", "0-99999", "1,,a"] {
+            assert!(parse_cpu_list(bad).is_empty(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn command_area_is_fuse_uring_cmd_req() {
+        let cmd = cmd_req(0x1122_3344_5566_7788, 0x0102);
+        assert_eq!(cmd[..8], [0; 8], "flags");
+        assert_eq!(
+            cmd[8..16],
+            0x1122_3344_5566_7788u64.to_ne_bytes(),
+            "commit_id"
+        );
+        assert_eq!(cmd[16..18], 0x0102u16.to_ne_bytes(), "qid");
+        assert!(cmd[18..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn register_sqe_points_at_two_iovecs() {
+        let dev = ChannelSender::for_tests();
+        let entry = Entry::new(8192, dev).unwrap();
+        let sqe = register_sqe(7, &entry, 1);
+        // SAFETY: as in `register_sqe`: a 128-byte repr(C) value read as bytes.
+        let raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+        assert_eq!(raw[0], io_uring::opcode::UringCmd80::CODE);
+        assert_eq!(raw[4..8], 7i32.to_ne_bytes(), "fd");
+        assert_eq!(
+            raw[16..24],
+            (entry.iov.as_ptr() as u64).to_ne_bytes(),
+            "addr"
+        );
+        assert_eq!(raw[24..28], 2u32.to_ne_bytes(), "len: two iovecs");
+        assert_eq!(entry.iov[0].iov_len, 2 * HEADER_AREA + 32);
+        assert_eq!(entry.iov[1].iov_len, 8192);
+        // The command area (after the first 48 bytes of the SQE) carries the queue id.
+        assert_eq!(raw[48 + 16..48 + 18], 1u16.to_ne_bytes());
+    }
+
+    #[test]
+    fn error_reply_is_an_out_header_without_payload() {
+        let mut entry = Entry::new(8192, ChannelSender::for_tests()).unwrap();
+        entry.put_error(42, libc::EIO);
+        // SAFETY: the entry is not registered with any kernel ring.
+        let h = unsafe { &*entry.header };
+        assert_eq!(h.in_out[..4], 16u32.to_ne_bytes());
+        assert_eq!(h.in_out[4..8], (-libc::EIO).to_ne_bytes());
+        assert_eq!(h.in_out[8..16], 42u64.to_ne_bytes());
+        assert_eq!(h.ring_ent_in_out.payload_sz, 0);
+    }
 }

@@ -22,7 +22,6 @@
 
 // kekfs: the ABI is kept whole, though fuser does not use every struct.
 #![allow(dead_code)]
-
 #![warn(missing_debug_implementations)]
 #![allow(missing_docs)]
 
