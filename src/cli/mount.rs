@@ -562,7 +562,7 @@ fn serve(
     crate::fuse::sys::set_umask(0);
     let vid = volume::hex(vol.id());
     let gate = Arc::new(Gate::new(vol));
-    let mut fs =
+    let fs =
         KekFs::with_cache(gate.clone(), backing, opts.read_only, opts.writeback).map_err(|e| {
             CliError::new(
                 exit::MOUNT_FAILED,
@@ -594,7 +594,6 @@ fn serve(
     if !opts.no_uring {
         config.io_uring_threads = URING_THREADS_PER_CPU;
         config.io_uring_spin = opts.spin.unwrap_or(DEFAULT_SPIN);
-        fs.request_io_uring();
     }
     let purger = fs.cache_purger();
     fs.set_fd_limit(super::harden::nofile_limit());
@@ -660,7 +659,8 @@ fn serve(
     };
     status::publish(&published);
     // The rings register a few milliseconds into the session, after this first
-    // publication: publish again once they have, rather than at the next key poll.
+    // publication: publish again once they have, rather than at the next key poll; or
+    // say why the mount stays on /dev/fuse.
     if !opts.no_uring {
         let mut p = published.clone();
         let active = uring_active.clone();
@@ -671,7 +671,12 @@ fn serve(
                 let since = std::time::Instant::now();
                 while !active.load(std::sync::atomic::Ordering::Acquire) {
                     if since.elapsed() > Duration::from_secs(3) {
-                        return; // not over io_uring: the first publication stands
+                        // The first publication (/dev/fuse) stands.
+                        info!(
+                            "FUSE over io_uring unavailable (it needs Linux 6.14+ with \
+                             /sys/module/fuse/parameters/enable_uring=Y); serving /dev/fuse"
+                        );
+                        return;
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }

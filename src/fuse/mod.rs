@@ -104,8 +104,6 @@ pub struct KekFs {
     root_dev: u64,
     read_only: bool,
     writeback: bool,
-    /// Ask the kernel for FUSE over io_uring at INIT (see `request_io_uring`).
-    io_uring: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,17 +143,7 @@ impl KekFs {
             root_dev: st.st_dev,
             read_only,
             writeback,
-            io_uring: false,
         })
-    }
-
-    /// Size the inode table's descriptor budget for a process limit of `fd_limit`
-    /// descriptors (see `nodes`).
-    /// Ask the kernel at INIT to carry requests over io_uring rings (Linux 6.14+, with
-    /// the `fuse.enable_uring` module parameter set). Every method replies before it
-    /// returns, which the ring transport requires.
-    pub fn request_io_uring(&mut self) {
-        self.io_uring = true;
     }
 
     /// Size the inode table's descriptor budget for a process limit of `fd_limit`
@@ -783,21 +771,9 @@ impl fuser::Filesystem for KekFs {
             // pages then fail to write back with the key errno, never in clear.
             caps.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
-        if self.io_uring {
-            // Requests and replies through per-CPU io_uring entries instead of
-            // read/write on /dev/fuse (fuser's `io_uring_threads`).
-            caps.push(InitFlags::FUSE_OVER_IO_URING);
-        }
         for cap in caps {
-            match config.add_capabilities(cap) {
-                Ok(()) => {}
-                Err(_) if cap == InitFlags::FUSE_OVER_IO_URING => log::info!(
-                    "FUSE over io_uring unavailable (it needs Linux 6.14+ with \
-                     /sys/module/fuse/parameters/enable_uring=Y); serving /dev/fuse"
-                ),
-                Err(missing) => {
-                    log::info!("kernel lacks FUSE capability {missing:?}; continuing without it")
-                }
+            if let Err(missing) = config.add_capabilities(cap) {
+                log::info!("kernel lacks FUSE capability {missing:?}; continuing without it");
             }
         }
         Ok(())

@@ -142,7 +142,7 @@ pub struct Session<FS: Filesystem> {
     /// Set by the handshake when FUSE over io_uring was negotiated and configured.
     #[cfg(target_os = "linux")]
     pub(crate) uring: Option<crate::uring::UringParams>,
-    /// Set once a request has come through an io_uring ring.
+    /// Set once every io_uring ring thread has registered its entry.
     uring_active: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -465,6 +465,12 @@ impl<FS: Filesystem> Session<FS> {
                     "Bug: filesystem must be initialized during handshake",
                 ));
             };
+            // A session configured for io_uring asks for it; the kernel offers it only where
+            // it is on (Linux 6.14+, `fuse.enable_uring`), and otherwise /dev/fuse serves.
+            #[cfg(target_os = "linux")]
+            if self.config.io_uring_threads > 0 {
+                let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+            }
             let res = filesystem.init(Request::ref_cast(request.header()), &mut config);
             if let Err(error) = res {
                 let errno = Errno::from_i32(error.raw_os_error().unwrap_or(0));

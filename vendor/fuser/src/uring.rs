@@ -351,8 +351,6 @@ struct Entry {
     /// `PREFIX` bytes of room, then the payload buffer; 8-aligned, so every offset that is
     /// a multiple of 8 is aligned for the request parser.
     buf: *mut u8,
-    /// Size of the mapping at `buf`: PREFIX + payload.
-    len: usize,
     payload: usize,
     iov: Box<[libc::iovec; 2]>,
     reply: Arc<UringReply>,
@@ -360,11 +358,12 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        // SAFETY: both were allocated in `Entry::new` (Box, mmap of `len` bytes) and are
-        // freed only here; the caller keeps an entry the kernel may still write to alive.
+        // SAFETY: both were allocated in `Entry::new` (Box, mmap of PREFIX + payload
+        // bytes) and are freed only here; the caller keeps an entry the kernel may still
+        // write to alive.
         unsafe {
             drop(Box::from_raw(self.header));
-            libc::munmap(self.buf.cast(), self.len);
+            libc::munmap(self.buf.cast(), PREFIX + self.payload);
         }
     }
 }
@@ -376,14 +375,13 @@ impl Entry {
             op_in: [0; HEADER_AREA],
             ring_ent_in_out: EntInOut::default(),
         }));
-        let len = PREFIX + payload;
         // An anonymous mapping: page-aligned, zero-filled, and taking memory only for the
         // pages requests and replies actually reach (most are far smaller than max_write).
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
         let buf = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                PREFIX + payload,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -411,7 +409,6 @@ impl Entry {
         Ok(Entry {
             header,
             buf,
-            len,
             payload,
             iov,
             reply: Arc::new(UringReply::new(dev, payload)),

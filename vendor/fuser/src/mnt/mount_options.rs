@@ -20,8 +20,8 @@ pub struct Config {
     pub clone_fd: bool,
     /// Serve requests through FUSE over io_uring when the kernel offers it (Linux 6.14+
     /// with `fuse.enable_uring` set), with this many threads per CPU queue; 0 serves
-    /// /dev/fuse only. The filesystem must also request `InitFlags::FUSE_OVER_IO_URING`
-    /// in `init`, and must reply to each request before its method returns.
+    /// /dev/fuse only. The session asks for `InitFlags::FUSE_OVER_IO_URING` at INIT
+    /// itself; the filesystem must reply to each request before its method returns.
     pub io_uring_threads: usize,
     /// How long an io_uring thread keeps looking for the next request before it sleeps
     /// (zero: it sleeps right away). Spinning keeps back-to-back requests from paying for
