@@ -1101,19 +1101,29 @@ impl fuser::Filesystem for KekFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let r = (|| {
-            let h = self.file(fh)?;
-            let _r = h
-                .node
-                .content
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            let Some(c) = self.cipher(&h.node, &h.file, false)? else {
-                return Ok(Vec::new());
-            };
-            content::read(&h.file, &c, offset, size).map_err(|e| self.content_err(&h.node, e))
-        })();
-        reply.send(r);
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let _r = h
+            .node
+            .content
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let c = match self.cipher(&h.node, &h.file, false) {
+            Ok(Some(c)) => c,
+            Ok(None) => return reply.data(&[]),
+            Err(e) => return reply.error(e),
+        };
+        // The ciphertext is read into the reply's own buffer (the ring entry's, over
+        // io_uring) and decrypted there.
+        let Some(room) = content::read_room(offset, u64::from(size)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        reply.fill(room, |buf| {
+            content::read_into(&h.file, &c, offset, size, buf)
+                .map_err(|e| self.content_err(&h.node, e))
+        });
     }
 
     fn write(

@@ -4,8 +4,8 @@
 use crate::crypto::aead::{Cipher, NonceBatch, OVERHEAD};
 use crate::format::file_header::{FILE_HEADER_LEN, FILE_VERSION_LAST_MARK, FileHeader, block_aad};
 use crate::format::offsets::{
-    BLOCK_SIZE, MAX_FILE_SIZE, block_ct_offset, block_plain_len, block_range, ciphertext_size,
-    plaintext_size,
+    BLOCK_SIZE, CT_BLOCK_SIZE, MAX_FILE_SIZE, block_ct_offset, block_plain_len, block_range,
+    ciphertext_size, plaintext_size,
 };
 use std::cell::RefCell;
 use std::fs::File;
@@ -240,47 +240,98 @@ fn read_sized(
     off: u64,
     len: u64,
 ) -> Result<Vec<u8>, ContentError> {
+    // Only what the file holds: callers may ask for more (`verify` reads whole files).
+    let len = len.min(size.saturating_sub(off));
+    let mut buf = vec![0u8; read_room(off, len).ok_or(ContentError::TooLarge)?];
+    let n = read_sized_into(file, fc, size, off, len, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Bytes of buffer `read_into` needs for `len` bytes at `off`: the ciphertext of every
+/// block the range touches plus one block of slack (see `read_sized_into`). `None` when
+/// the range is beyond what kekfs addresses.
+pub fn read_room(off: u64, len: u64) -> Option<usize> {
+    let Some((first, last)) = block_range(off, len) else {
+        return Some(0);
+    };
+    let blocks = last.checked_sub(first)?.checked_add(1)?;
+    let room = blocks.checked_mul(CT_BLOCK_SIZE)?.checked_add(BLOCK_SIZE)?;
+    usize::try_from(room).ok()
+}
+
+/// Read up to `len` plaintext bytes at `off` into the start of `buf`, which must have at
+/// least `read_room(off, len)` bytes (its contents do not matter); returns how many.
+/// The ciphertext is read into the same buffer, so the plaintext is not copied again.
+pub fn read_into(
+    file: &File,
+    fc: &FileCipher,
+    off: u64,
+    len: u32,
+    buf: &mut [u8],
+) -> Result<usize, ContentError> {
+    read_sized_into(file, fc, size_of(file)?, off, len as u64, buf)
+}
+
+/// `read_into` for a file whose plaintext size is `size`.
+///
+/// The ciphertext goes to the end of `buf` and each block is opened from there into its
+/// place at the front. Block i of the range (counted from 0) starts at `s + i*CT_BLOCK_SIZE`
+/// (`s` = `buf.len()` minus the ciphertext length, at least `BLOCK_SIZE`) and its
+/// plaintext ends by `(i+1)*BLOCK_SIZE`, so a block's plaintext never reaches its own or a
+/// later block's ciphertext.
+fn read_sized_into(
+    file: &File,
+    fc: &FileCipher,
+    size: u64,
+    off: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<usize, ContentError> {
     if off >= size || len == 0 {
-        return Ok(Vec::new());
+        return Ok(0);
     }
     let end = off + len.min(size - off);
     let Some((first, last)) = block_range(off, end - off) else {
-        return Ok(Vec::new());
+        return Ok(0);
     };
+    let room = read_room(off, end - off).ok_or(ContentError::TooLarge)?;
+    if buf.len() < room {
+        return Err(ContentError::Io(std::io::Error::other(format!(
+            "read buffer of {} bytes, {room} needed",
+            buf.len()
+        ))));
+    }
     let ct_start = block_ct_offset(first);
     let ct_len = (block_ct_offset(last) + block_plain_len(last, size) as u64 + OVERHEAD as u64
         - ct_start) as usize;
-    let mut out = vec![0u8; (end - off) as usize];
-    with_ct_buf(ct_len, |ct| {
-        let n = read_full_at(file, ct, ct_start)?;
-        if n < ct_len {
-            // Shrunk under us or truncated mid-block: that block cannot authenticate.
-            return Err(ContentError::BadBlock(
-                first + n as u64 / crate::format::offsets::CT_BLOCK_SIZE,
-            ));
+    let s = buf.len() - ct_len;
+    let n = read_full_at(file, &mut buf[s..], ct_start)?;
+    if n < ct_len {
+        // Shrunk under us or truncated mid-block: that block cannot authenticate.
+        return Err(ContentError::BadBlock(first + n as u64 / CT_BLOCK_SIZE));
+    }
+    let mut c = s;
+    let mut tmp = [0u8; BLOCK_SIZE as usize];
+    let file_last = last_block(size);
+    for b in first..=last {
+        let pl = block_plain_len(b, size);
+        let bstart = b * BLOCK_SIZE;
+        let from = off.max(bstart);
+        let to = end.min(bstart + pl as u64);
+        let (front, back) = buf.split_at_mut(c);
+        let sealed = &back[..pl + OVERHEAD];
+        c += pl + OVERHEAD;
+        let dst = &mut front[(from - off) as usize..(to - off) as usize];
+        let is_last = Some(b) == file_last;
+        if from == bstart && to == bstart + pl as u64 {
+            fc.open_block(b, is_last, sealed, dst)?;
+        } else {
+            fc.open_block(b, is_last, sealed, &mut tmp[..pl])?;
+            dst.copy_from_slice(&tmp[(from - bstart) as usize..(to - bstart) as usize]);
         }
-        let mut c = 0usize;
-        let mut tmp = [0u8; BLOCK_SIZE as usize];
-        let file_last = last_block(size);
-        for b in first..=last {
-            let pl = block_plain_len(b, size);
-            let sealed = &ct[c..c + pl + OVERHEAD];
-            c += pl + OVERHEAD;
-            let bstart = b * BLOCK_SIZE;
-            let s = off.max(bstart);
-            let e = end.min(bstart + pl as u64);
-            let dst = &mut out[(s - off) as usize..(e - off) as usize];
-            let is_last = Some(b) == file_last;
-            if s == bstart && e == bstart + pl as u64 {
-                fc.open_block(b, is_last, sealed, dst)?;
-            } else {
-                fc.open_block(b, is_last, sealed, &mut tmp[..pl])?;
-                dst.copy_from_slice(&tmp[(s - bstart) as usize..(e - bstart) as usize]);
-            }
-        }
-        Ok(())
-    })?;
-    Ok(out)
+    }
+    Ok((end - off) as usize)
 }
 
 /// Write `data` at plaintext offset `off`, extending the file as needed. Blocks the write

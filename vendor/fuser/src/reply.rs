@@ -150,6 +150,53 @@ impl ReplyRaw {
     pub(crate) fn error(self, err: ll::Errno) {
         self.send_ll(&ll::ResponseErrno(err));
     }
+
+    /// Reply with a payload `fill` writes into a buffer of at least `room` bytes (see
+    /// `ReplyData::fill`): the ring entry's own buffer when the request came through
+    /// io_uring and the reply may go straight there, else a per-thread buffer.
+    pub(crate) fn fill<F>(mut self, room: usize, fill: F)
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        let fill = match &self.sender {
+            Some(ReplySender::Uring(reply)) => match reply.fill_direct(self.unique.0, room, fill) {
+                Ok(()) => {
+                    self.sender = None;
+                    return;
+                }
+                Err(fill) => fill,
+            },
+            _ => fill,
+        };
+        FILL_BUF.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut buf) => self.fill_from(&mut buf, room, fill),
+            // Re-entered on this thread: a private buffer.
+            Err(_) => self.fill_from(&mut Vec::new(), room, fill),
+        });
+    }
+
+    fn fill_from<F>(self, buf: &mut Vec<u8>, room: usize, fill: F)
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        if buf.len() < room {
+            buf.resize(room, 0);
+        }
+        match fill(&mut buf[..room]) {
+            Ok(n) if n <= room => self.send_ll(&ll::ResponseSlice(&buf[..n])),
+            Ok(n) => {
+                error!("reply fill returned {n} bytes from a buffer of {room}");
+                self.error(Errno::EIO);
+            }
+            Err(e) => self.error(e),
+        }
+    }
+}
+
+thread_local! {
+    /// Buffer for `ReplyRaw::fill` replies that do not go straight into a ring entry;
+    /// kept per thread so that large replies are neither allocated nor zeroed each time.
+    static FILL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Drop for ReplyRaw {
@@ -212,6 +259,18 @@ impl ReplyData {
     /// Reply to a request with the given data
     pub fn data(self, data: &[u8]) {
         self.reply.send_ll(&ll::ResponseSlice(data));
+    }
+
+    /// Reply with data written in place: `fill` gets a buffer of at least `room` bytes
+    /// (contents unspecified), writes the reply's data at its start and returns its
+    /// length, or returns an errno to reply with instead. For a request that came through
+    /// a ring entry, the buffer is the entry's own, so the data is not copied again; it
+    /// can hold a reply of the kernel's maximum size plus an eighth.
+    pub fn fill<F>(self, room: usize, fill: F)
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        self.reply.fill(room, fill);
     }
 
     /// Reply to a request with the given error code

@@ -44,6 +44,7 @@ use log::info;
 use log::warn;
 use parking_lot::Mutex;
 
+use crate::Errno;
 use crate::Filesystem;
 use crate::channel::ChannelSender;
 use crate::ll::fuse_abi::fuse_in_header;
@@ -137,8 +138,10 @@ struct ReplyState {
     armed: bool,
     /// The entry's header and payload buffers, when the reply may go straight there.
     direct: Option<(*mut ReqHeader, *mut u8)>,
-    /// Capacity of the payload buffer.
+    /// Capacity of the payload buffer as registered: the most a reply may carry.
     payload: usize,
+    /// Bytes of the payload buffer a filesystem may work in (`ReplyData::fill`).
+    room: usize,
     buffered: Vec<u8>,
     sent: Sent,
 }
@@ -170,6 +173,7 @@ impl UringReply {
                 armed: false,
                 direct: None,
                 payload,
+                room: reply_room(payload),
                 buffered: Vec::new(),
                 sent: Sent::Nothing,
             }),
@@ -228,6 +232,54 @@ impl UringReply {
         }
         Ok(())
     }
+}
+
+impl UringReply {
+    /// Lets `fill` write a reply's payload straight into the entry's payload buffer, if
+    /// the reply may go there (armed, nothing sent yet, no request payload in the buffer)
+    /// and `room` bytes fit; otherwise hands `fill` back untouched. `fill` gets at least
+    /// `room` bytes (their old contents unspecified) and returns how many of the first
+    /// bytes to send, or an errno, which is sent instead.
+    pub(crate) fn fill_direct<F>(&self, unique: u64, room: usize, fill: F) -> Result<(), F>
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        let mut st = self.state.lock();
+        let Some((header, payload)) = st.direct else {
+            return Err(fill);
+        };
+        if !st.armed || st.sent != Sent::Nothing || room > st.room {
+            return Err(fill);
+        }
+        // SAFETY: the payload buffer has `st.room` bytes (mapped in `Entry::new`), all
+        // initialised (zero-filled mapping); it is ours while armed and not borrowed (a
+        // direct entry's request has no payload), and the lock keeps every other writer out
+        // until `fill` returns.
+        let buf = unsafe { std::slice::from_raw_parts_mut(payload, st.room) };
+        let (errno, len) = match fill(buf) {
+            Ok(n) if n <= st.payload => (0, n),
+            Ok(n) => {
+                st.sent = Sent::TooLarge(OUT_HEADER + n);
+                return Ok(());
+            }
+            Err(e) => (-e.code(), 0),
+        };
+        let mut out = [0u8; OUT_HEADER];
+        out[..4].copy_from_slice(&((OUT_HEADER + len) as u32).to_ne_bytes());
+        out[4..8].copy_from_slice(&errno.to_ne_bytes());
+        out[8..16].copy_from_slice(&unique.to_ne_bytes());
+        // SAFETY: the header buffer is ours while armed (see the Send impl).
+        unsafe { set_out_header(header, &out, len as u32) };
+        st.sent = Sent::Direct;
+        Ok(())
+    }
+}
+
+/// Bytes mapped for an entry's payload buffer whose registered size is `payload`: an
+/// eighth more, so a filesystem can build a reply in place from a larger input (kekfs
+/// reads a range's ciphertext into it and decrypts it there).
+fn reply_room(payload: usize) -> usize {
+    (payload + payload / 8).next_multiple_of(4096)
 }
 
 /// Stops the ring threads: each ring polls the eventfd, and writing to it completes the
@@ -348,7 +400,8 @@ pub(crate) fn start<FS: Filesystem>(
 /// the kernel and the reply object write into them too.
 struct Entry {
     header: *mut ReqHeader,
-    /// `PREFIX` bytes of room, then the payload buffer; 8-aligned, so every offset that is
+    /// `PREFIX` bytes of room, then the payload buffer (`payload` bytes registered with the
+    /// kernel, `reply_room(payload)` mapped); 8-aligned, so every offset that is
     /// a multiple of 8 is aligned for the request parser.
     buf: *mut u8,
     payload: usize,
@@ -358,12 +411,12 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        // SAFETY: both were allocated in `Entry::new` (Box, mmap of PREFIX + payload
-        // bytes) and are freed only here; the caller keeps an entry the kernel may still
+        // SAFETY: both were allocated in `Entry::new` (Box, mmap of PREFIX +
+        // reply_room(payload) bytes) and are freed only here; the caller keeps an entry the kernel may still
         // write to alive.
         unsafe {
             drop(Box::from_raw(self.header));
-            libc::munmap(self.buf.cast(), PREFIX + self.payload);
+            libc::munmap(self.buf.cast(), PREFIX + reply_room(self.payload));
         }
     }
 }
@@ -381,7 +434,7 @@ impl Entry {
         let buf = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                PREFIX + payload,
+                PREFIX + reply_room(payload),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -751,5 +804,71 @@ mod tests {
         assert_eq!(h.in_out[4..8], (-libc::EIO).to_ne_bytes());
         assert_eq!(h.in_out[8..16], 42u64.to_ne_bytes());
         assert_eq!(h.ring_ent_in_out.payload_sz, 0);
+    }
+
+    /// Arms an entry's reply object as `serve` does for a request without payload.
+    fn arm_direct(entry: &Entry) {
+        let mut st = entry.reply.state.lock();
+        st.armed = true;
+        st.sent = Sent::Nothing;
+        // SAFETY: PREFIX is inside the allocation.
+        st.direct = Some((entry.header, unsafe { entry.buf.add(PREFIX) }));
+    }
+
+    #[test]
+    fn fill_writes_in_place_and_checks_sizes() {
+        let entry = Entry::new(8192, ChannelSender::for_tests()).unwrap();
+        // Not armed: the closure is handed back.
+        assert!(entry.reply.fill_direct(7, 100, |_| Ok(0)).is_err());
+        arm_direct(&entry);
+        // More room than the entry has: handed back.
+        assert!(
+            entry
+                .reply
+                .fill_direct(7, reply_room(8192) + 1, |_| Ok(0))
+                .is_err()
+        );
+        let r = entry.reply.fill_direct(7, reply_room(8192), |buf| {
+            assert!(buf.len() >= reply_room(8192));
+            buf[..5].copy_from_slice(b"hello");
+            Ok(5)
+        });
+        assert!(r.is_ok());
+        // SAFETY: the entry is not registered with any kernel ring.
+        let (h, payload) = unsafe {
+            (
+                &*entry.header,
+                std::slice::from_raw_parts(entry.buf.add(PREFIX), 5),
+            )
+        };
+        assert_eq!(h.in_out[..4], 21u32.to_ne_bytes());
+        assert_eq!(h.in_out[4..8], 0i32.to_ne_bytes());
+        assert_eq!(h.in_out[8..16], 7u64.to_ne_bytes());
+        assert_eq!(h.ring_ent_in_out.payload_sz, 5);
+        assert_eq!(payload, b"hello");
+        // Answered already: a second fill is handed back.
+        assert!(entry.reply.fill_direct(7, 10, |_| Ok(0)).is_err());
+
+        // An errno becomes an error reply without payload.
+        arm_direct(&entry);
+        assert!(
+            entry
+                .reply
+                .fill_direct(8, 10, |_| Err(Errno::ENOENT))
+                .is_ok()
+        );
+        // SAFETY: as above.
+        let h = unsafe { &*entry.header };
+        assert_eq!(h.in_out[..4], 16u32.to_ne_bytes());
+        assert_eq!(h.in_out[4..8], (-libc::ENOENT).to_ne_bytes());
+        assert_eq!(h.ring_ent_in_out.payload_sz, 0);
+
+        // A length beyond the registered payload size is refused (sent as too large).
+        arm_direct(&entry);
+        assert!(entry.reply.fill_direct(9, 10, |_| Ok(8193)).is_ok());
+        assert_eq!(
+            entry.reply.state.lock().sent,
+            Sent::TooLarge(OUT_HEADER + 8193)
+        );
     }
 }
