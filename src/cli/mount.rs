@@ -661,15 +661,23 @@ fn serve(
     // The rings register a few milliseconds into the session, after this first
     // publication: publish again once they have, rather than at the next key poll; or
     // say why the mount stays on /dev/fuse.
+    // The session can end first (an unmount right after mounting): the thread then stops
+    // and is joined before the status file is removed, so it cannot publish after that.
+    let stop = Stop::default();
+    let mut transport_thread = None;
     if !opts.no_uring {
         let mut p = published.clone();
         let active = uring_active.clone();
         let gate = gate.clone();
-        let _ = std::thread::Builder::new()
+        let stop = stop.clone();
+        transport_thread = std::thread::Builder::new()
             .name("kekfs-transport".into())
             .spawn(move || {
                 let since = std::time::Instant::now();
                 while !active.load(std::sync::atomic::Ordering::Acquire) {
+                    if stop.wait(Duration::from_millis(5)) {
+                        return;
+                    }
                     if since.elapsed() > Duration::from_secs(3) {
                         // The first publication (/dev/fuse) stands.
                         info!(
@@ -678,12 +686,12 @@ fn serve(
                         );
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(5));
                 }
                 p.key_state = status::state_json(&gate);
                 p.transport = transport(&active).into();
                 status::publish(&p);
-            });
+            })
+            .ok();
     }
     monitor.on_poll = Some(Box::new(move |gate, last_ok, key_version| {
         let mut p = published.clone();
@@ -693,7 +701,6 @@ fn serve(
         p.transport = transport(&uring_active).into();
         status::publish(&p);
     }));
-    let stop = Stop::default();
     let stop_monitor = stop.clone();
     let monitor_thread = std::thread::Builder::new()
         .name("kekfs-monitor".into())
@@ -743,6 +750,9 @@ fn serve(
     let r = session.run();
     stop.stop();
     let _ = monitor_thread.join();
+    if let Some(t) = transport_thread {
+        let _ = t.join();
+    }
     status::remove(&vid);
     crate::audit::sink::new_activity();
     let _ = crate::audit::volume::state_line(

@@ -282,7 +282,7 @@ impl Stop {
     }
 
     /// Sleep up to `d`; true if stop was requested.
-    fn wait(&self, d: Duration) -> bool {
+    pub fn wait(&self, d: Duration) -> bool {
         let (m, c) = &*self.0;
         let g = m.lock().unwrap_or_else(PoisonError::into_inner);
         let (g, _) = c
