@@ -37,11 +37,18 @@ const TTL: Duration = Duration::from_secs(1);
 /// The largest read-ahead request kekfs asks the kernel for (bytes).
 pub const MAX_READAHEAD: u32 = 1 << 20;
 
-/// Flags for every opened or created file: no FLUSH request on close, as kekfs buffers
-/// nothing (writes reach the backing file before they are acknowledged; with the
-/// write-back cache the kernel sends FLUSH anyway, to write dirty pages back). Saves one
-/// round trip per `close`.
-const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+/// Flags for every opened or created file:
+/// - `FOPEN_NOFLUSH`: no FLUSH request on close, as kekfs buffers nothing (writes reach
+///   the backing file before they are acknowledged; with the write-back cache the kernel
+///   sends FLUSH anyway, to write dirty pages back). Saves one round trip per `close`.
+/// - `FOPEN_KEEP_CACHE`: an open keeps the file's cached pages instead of dropping them,
+///   so data read or written earlier is served from the page cache, as on a local
+///   filesystem. Every change to a file's content goes through this mount (the volume
+///   lock keeps other kekfs daemons out), so the cache cannot go stale; the purge after a
+///   revocation drops it (`CachePurger`), and opens are refused from then on. Measured:
+///   reading back a file just written costs no READ request (small-file cycle: 14 -> 13
+///   requests).
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH.union(FopenFlags::FOPEN_KEEP_CACHE);
 
 type Res<T> = Result<T, Errno>;
 
