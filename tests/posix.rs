@@ -2254,3 +2254,109 @@ fn copy_file_range_and_fs_copy() {
     fs::copy(&outside, m.p("back")).unwrap();
     assert_bytes_eq(&fs::read(m.p("back")).unwrap(), &want, "copy out and back");
 }
+
+/// Nodes that a listing creates start without a backing descriptor (opened on first use).
+/// After a remount, list a directory (readdirplus looks every entry up) and then use each
+/// entry only through what the listing gave the kernel: read, write, rename, hard link,
+/// unlink, chmod, truncate, xattrs.
+#[test]
+fn entries_known_only_from_a_listing_work_for_every_operation() {
+    let Some(env) = setup("entries_known_only_from_a_listing_work_for_every_operation") else {
+        return;
+    };
+    let m = env.mount();
+    fs::create_dir(m.p("d")).unwrap();
+    for i in 0..8 {
+        fs::write(m.p(&format!("d/f{i}")), pattern(i, 5000 + i as usize)).unwrap();
+    }
+    m.unmount();
+
+    let m = env.mount();
+    let listed: Vec<(OsString, u64)> = fs::read_dir(m.p("d"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name(), e.metadata().unwrap().len())
+        })
+        .collect();
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    for (name, len) in &listed {
+        let i: u64 = name.to_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(*len, 5000 + i, "size of {name:?} from the listing");
+    }
+    assert_bytes_eq(
+        &fs::read(m.p("d/f0")).unwrap(),
+        &pattern(0, 5000),
+        "read f0",
+    );
+    let f = OpenOptions::new().write(true).open(m.p("d/f1")).unwrap();
+    f.write_all_at(b"XYZ", 4095).unwrap();
+    drop(f);
+    let mut want = pattern(1, 5001);
+    want[4095..4098].copy_from_slice(b"XYZ");
+    assert_bytes_eq(&fs::read(m.p("d/f1")).unwrap(), &want, "write f1");
+    fs::rename(m.p("d/f2"), m.p("d/g2")).unwrap();
+    assert_bytes_eq(
+        &fs::read(m.p("d/g2")).unwrap(),
+        &pattern(2, 5002),
+        "renamed f2",
+    );
+    fs::hard_link(m.p("d/f3"), m.p("d/h3")).unwrap();
+    assert_eq!(fs::metadata(m.p("d/f3")).unwrap().nlink(), 2);
+    assert_bytes_eq(
+        &fs::read(m.p("d/h3")).unwrap(),
+        &pattern(3, 5003),
+        "link to f3",
+    );
+    fs::remove_file(m.p("d/f4")).unwrap();
+    assert_eq!(
+        errno_of(fs::metadata(m.p("d/f4")), "stat removed f4"),
+        libc::ENOENT
+    );
+    fs::set_permissions(m.p("d/f5"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(m.p("d/f5")).unwrap().mode() & 0o777, 0o600);
+    OpenOptions::new()
+        .write(true)
+        .open(m.p("d/f6"))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    assert_bytes_eq(
+        &fs::read(m.p("d/f6")).unwrap(),
+        &pattern(6, 10),
+        "truncated f6",
+    );
+    let st = Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "v7"])
+        .arg(m.p("d/f7"))
+        .status()
+        .expect("setfattr (package attr)");
+    assert!(st.success(), "setfattr on f7");
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.k"])
+        .arg(m.p("d/f7"))
+        .output()
+        .expect("getfattr (package attr)");
+    assert_eq!(out.stdout, b"v7");
+    m.unmount();
+
+    // Everything above persisted.
+    let m = env.mount();
+    assert_eq!(
+        list(&m.p("d")),
+        names(&["f0", "f1", "f3", "f5", "f6", "f7", "g2", "h3"])
+    );
+    assert_bytes_eq(&fs::read(m.p("d/f1")).unwrap(), &want, "f1 after remount");
+    assert_bytes_eq(
+        &fs::read(m.p("d/h3")).unwrap(),
+        &pattern(3, 5003),
+        "h3 after remount",
+    );
+    assert_bytes_eq(
+        &fs::read(m.p("d/f6")).unwrap(),
+        &pattern(6, 10),
+        "f6 after remount",
+    );
+
+    m.unmount();
+}

@@ -282,25 +282,40 @@ impl KekFs {
     }
 
     /// Look up a backing entry and count a kernel reference to it.
+    ///
+    /// A single-name non-directory (`Node::may_close`) is only stat'ed: a new node for it
+    /// starts without a descriptor and opens one on first use, checked against the inode
+    /// number (as after the descriptor budget closed it). That saves an `openat` and a
+    /// `close` per entry of a listing, most of which are never opened. Directories and
+    /// inodes with several names are opened here, as their nodes keep a descriptor.
     fn lookup_entry(&self, parent: &Arc<Node>, entry: &str) -> Res<(Arc<Node>, FileAttr)> {
         let c = sys::cstr(entry.as_bytes()).map_err(|e| errno(&e))?;
-        let fd = sys::openat(parent.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
-            .map_err(|e| errno(&e))?;
-        let st = sys::fstat(fd.as_raw_fd()).map_err(|e| errno(&e))?;
+        let mut st =
+            sys::fstatat(parent.raw(), &c, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| errno(&e))?;
+        let mut fd = None;
+        if !Node::may_close(kind_of(st.st_mode), &st) {
+            let f = sys::openat(parent.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                .map_err(|e| errno(&e))?;
+            // The entry may have changed since the stat: what is open is what counts.
+            st = sys::fstat(f.as_raw_fd()).map_err(|e| errno(&e))?;
+            fd = Some(f);
+        }
         let ino = self.fuse_ino(&st)?;
         let kind = kind_of(st.st_mode);
         let node = {
             let mut t = lock(&self.nodes);
             let budget = t.budget();
-            let mut fresh = Some(fd);
+            let mut fresh = fd;
+            let mut created = false;
             let node = t.reference(ino, || {
-                let fd = fresh
-                    .take()
-                    .expect("the new node takes the descriptor once");
-                Node::closable(ino, &st, fd, kind, parent, entry, &budget)
+                created = true;
+                match fresh.take() {
+                    Some(fd) => Node::closable(ino, &st, fd, kind, parent, entry, &budget),
+                    None => Node::unopened(ino, &st, kind, parent, &c, &budget),
+                }
             });
-            if let Some(fd) = fresh {
-                node.refresh(fd, parent, entry);
+            if !created {
+                node.refresh(fresh, parent, entry);
             }
             node
         };
@@ -545,65 +560,81 @@ impl KekFs {
         let list = sys::list_dir(dir.raw()).map_err(|e| errno(&e))?;
         let mut out = Vec::with_capacity(list.len());
         for (bname, bino, dtype) in list {
-            let ct = match names::classify(&bname) {
-                Found::Short(ct) => ct,
-                Found::Long => {
-                    let side = [bname.as_slice(), names::LONG_SIDECAR_SUFFIX.as_bytes()].concat();
-                    let read = sys::cstr(&side)
-                        .and_then(|c| sys::openat(dir.raw(), &c, libc::O_RDONLY, 0))
-                        .and_then(|fd| {
-                            use std::io::Read;
-                            let mut v = Vec::new();
-                            File::from(fd).take(4096).read_to_end(&mut v)?;
-                            Ok(v)
-                        });
-                    match read
-                        .ok()
-                        .and_then(|s| names::decode_long(&String::from_utf8_lossy(&bname), &s))
-                    {
-                        Some(ct) => ct,
-                        None => {
-                            warn!(
-                                "{}: long-name entry with a missing or bad sidecar skipped",
-                                self.backing_path(dir)
-                            );
-                            continue;
-                        }
-                    }
-                }
-                Found::Internal => continue,
-            };
-            let Some(name) = vol.decrypt_name(&id, &ct) else {
-                warn!(
-                    "{}: entry {:?} does not decrypt in this directory; skipped",
-                    self.backing_path(dir),
-                    String::from_utf8_lossy(&bname)
-                );
-                continue;
-            };
-            let ino = if bino == self.root_backing_ino {
-                1
-            } else {
-                bino
-            };
-            let kind = match kind_of_dtype(dtype) {
-                Some(k) => k,
-                None => {
-                    let c = sys::cstr(&bname).map_err(|e| errno(&e))?;
-                    match sys::fstatat(dir.raw(), &c, libc::AT_SYMLINK_NOFOLLOW) {
-                        Ok(st) => kind_of(st.st_mode),
-                        Err(_) => continue,
-                    }
-                }
-            };
-            out.push(DirEntry {
-                name,
-                ino,
-                kind,
-                backing: bname,
-            });
+            if let Some(e) = self.dir_entry(dir, &vol, &id, bname, bino, dtype)? {
+                out.push(e);
+            }
         }
         Ok(out)
+    }
+
+    /// One entry of `dir`'s backing listing as a plaintext entry; `None` for kekfs's own
+    /// files and for entries that do not decrypt (logged).
+    fn dir_entry(
+        &self,
+        dir: &Node,
+        vol: &Volume,
+        id: &[u8; 16],
+        bname: Vec<u8>,
+        bino: u64,
+        dtype: u8,
+    ) -> Res<Option<DirEntry>> {
+        let ct = match names::classify(&bname) {
+            Found::Short(ct) => ct,
+            Found::Long => {
+                let side = [bname.as_slice(), names::LONG_SIDECAR_SUFFIX.as_bytes()].concat();
+                let read = sys::cstr(&side)
+                    .and_then(|c| sys::openat(dir.raw(), &c, libc::O_RDONLY, 0))
+                    .and_then(|fd| {
+                        use std::io::Read;
+                        let mut v = Vec::new();
+                        File::from(fd).take(4096).read_to_end(&mut v)?;
+                        Ok(v)
+                    });
+                match read
+                    .ok()
+                    .and_then(|s| names::decode_long(&String::from_utf8_lossy(&bname), &s))
+                {
+                    Some(ct) => ct,
+                    None => {
+                        warn!(
+                            "{}: long-name entry with a missing or bad sidecar skipped",
+                            self.backing_path(dir)
+                        );
+                        return Ok(None);
+                    }
+                }
+            }
+            Found::Internal => return Ok(None),
+        };
+        let Some(name) = vol.decrypt_name(id, &ct) else {
+            warn!(
+                "{}: entry {:?} does not decrypt in this directory; skipped",
+                self.backing_path(dir),
+                String::from_utf8_lossy(&bname)
+            );
+            return Ok(None);
+        };
+        let ino = if bino == self.root_backing_ino {
+            1
+        } else {
+            bino
+        };
+        let kind = match kind_of_dtype(dtype) {
+            Some(k) => k,
+            None => {
+                let c = sys::cstr(&bname).map_err(|e| errno(&e))?;
+                match sys::fstatat(dir.raw(), &c, libc::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) => kind_of(st.st_mode),
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(DirEntry {
+            name,
+            ino,
+            kind,
+            backing: bname,
+        }))
     }
 
     /// The `/proc/self/fd` path for the node's xattrs, with the descriptor it names

@@ -118,8 +118,7 @@ impl Node {
     ) -> Self {
         let mut n = Self::new(ino, fd, kind);
         n.backing_ino = st.st_ino;
-        if kind != FileType::Directory
-            && st.st_nlink == 1
+        if Self::may_close(kind, st)
             && let Ok(entry) = CString::new(entry)
         {
             *lock(&n.origin) = Some(Origin {
@@ -130,6 +129,41 @@ impl Node {
             n.budget = Some(budget.clone());
         }
         n
+    }
+
+    /// Whether a node for an inode of this kind and stat may go without its descriptor:
+    /// anything but a directory, with a single name.
+    pub fn may_close(kind: FileType, st: &libc::stat) -> bool {
+        kind != FileType::Directory && st.st_nlink == 1
+    }
+
+    /// A closable node (see `closable`) created without a descriptor, as if the budget had
+    /// closed it: the first use opens it from `parent` and `entry` and checks it still leads
+    /// to `st`'s inode. Only for inodes that `may_close`.
+    pub fn unopened(
+        ino: u64,
+        st: &libc::stat,
+        kind: FileType,
+        parent: &Arc<Node>,
+        entry: &std::ffi::CStr,
+        budget: &Arc<FdBudget>,
+    ) -> Self {
+        debug_assert!(Self::may_close(kind, st));
+        Self {
+            ino,
+            backing_ino: st.st_ino,
+            fd: Mutex::new(None),
+            origin: Mutex::new(Some(Origin {
+                parent: parent.clone(),
+                entry: entry.to_owned(),
+            })),
+            budget: Some(budget.clone()),
+            used: AtomicU64::new(0),
+            kind,
+            content: RwLock::new(()),
+            dir_id: OnceLock::new(),
+            cipher: Mutex::new(None),
+        }
     }
 
     /// The node's O_PATH descriptor, reopened from its parent if it was closed. Fails
@@ -169,9 +203,10 @@ impl Node {
         Ok(f)
     }
 
-    /// A lookup found this node again as `entry` in `parent`, with `fresh` open on it:
-    /// remember the name, and take the descriptor if the node's was closed.
-    pub fn refresh(&self, fresh: OwnedFd, parent: &Arc<Node>, entry: &str) {
+    /// A lookup found this node again as `entry` in `parent` (with `fresh` open on it, if
+    /// the lookup opened one): remember the name, and take the descriptor if the node's
+    /// was closed.
+    pub fn refresh(&self, fresh: Option<OwnedFd>, parent: &Arc<Node>, entry: &str) {
         let mut fd = lock(&self.fd);
         let mut origin = lock(&self.origin);
         let Some(o) = origin.as_mut() else {
@@ -181,7 +216,9 @@ impl Node {
             o.parent = parent.clone();
             o.entry = entry;
         }
-        if fd.is_none() {
+        if fd.is_none()
+            && let Some(fresh) = fresh
+        {
             *fd = Some(Arc::new(fresh));
             if let Some(b) = &self.budget {
                 b.open.fetch_add(1, Ordering::Relaxed);
