@@ -124,3 +124,48 @@ fn many_more_entries_than_descriptors() {
     drop(open);
     m.unmount();
 }
+
+/// Files opened without a request to kekfs (no-open mode) and created files share one
+/// content descriptor per inode. None may outlive the inode: after files are created,
+/// read, rewritten and deleted, the daemon's descriptors go back to where they were.
+#[test]
+fn content_descriptors_go_with_their_files() {
+    let Some(env) = Env::new("content_descriptors_go_with_their_files") else {
+        return;
+    };
+    env.init_volume();
+    let m = env.mount();
+    let pid = m.pid();
+    let dir = m.p("d");
+    std::fs::create_dir(&dir).unwrap();
+    // Settle: the first requests open what the daemon keeps for the mount's lifetime.
+    std::fs::write(dir.join("warm"), b"w").unwrap();
+    assert_eq!(std::fs::read(dir.join("warm")).unwrap(), b"w");
+    std::fs::remove_file(dir.join("warm")).unwrap();
+    let base = daemon_fds(pid);
+    for i in 0..300 {
+        std::fs::write(dir.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    for i in 0..300 {
+        let p = dir.join(format!("f{i}"));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("file {i}"));
+        std::fs::write(&p, format!("again {i}")).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("again {i}"));
+    }
+    assert!(
+        daemon_fds(pid) > base,
+        "no descriptor held for 300 cached files: the check below would prove nothing"
+    );
+    for i in 0..300 {
+        std::fs::remove_file(dir.join(format!("f{i}"))).unwrap();
+    }
+    // The kernel forgets unlinked inodes on its own schedule; drop its caches to hurry it.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+    assert!(
+        wait_for(BOUND, || daemon_fds(pid) <= base + 2),
+        "daemon descriptors: {} before, {} after every file was deleted",
+        base,
+        daemon_fds(pid)
+    );
+    m.unmount();
+}

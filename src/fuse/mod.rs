@@ -37,7 +37,8 @@ const TTL: Duration = Duration::from_secs(1);
 /// The largest read-ahead request kekfs asks the kernel for (bytes).
 pub const MAX_READAHEAD: u32 = 1 << 20;
 
-/// Flags for every opened or created file:
+/// Flags for every created file, and every opened one when the kernel lacks no-open
+/// support (see `open`; without a request the kernel keeps the cache by default):
 /// - `FOPEN_NOFLUSH`: no FLUSH request on close, as kekfs buffers nothing (writes reach
 ///   the backing file before they are acknowledged; with the write-back cache the kernel
 ///   sends FLUSH anyway, to write dirty pages back). Saves one round trip per `close`.
@@ -45,7 +46,7 @@ pub const MAX_READAHEAD: u32 = 1 << 20;
 ///   so data read or written earlier is served from the page cache, as on a local
 ///   filesystem. Every change to a file's content goes through this mount (the volume
 ///   lock keeps other kekfs daemons out), so the cache cannot go stale; the purge after a
-///   revocation drops it (`CachePurger`), and opens are refused from then on. Measured:
+///   revocation drops it (`CachePurger`), and reads are refused from then on. Measured:
 ///   reading back a file just written costs no READ request (small-file cycle: 14 -> 13
 ///   requests).
 const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH.union(FopenFlags::FOPEN_KEEP_CACHE);
@@ -59,7 +60,7 @@ fn errno(e: &io::Error) -> Errno {
 /// An open regular file.
 struct OpenFile {
     node: Arc<Node>,
-    file: File,
+    file: Arc<File>,
     writable: bool,
 }
 
@@ -111,6 +112,10 @@ pub struct KekFs {
     root_dev: u64,
     read_only: bool,
     writeback: bool,
+    /// The kernel opens files without an OPEN request (FUSE_NO_OPEN_SUPPORT negotiated):
+    /// its reads and writes then carry file handle 0 and use the node's shared content
+    /// descriptor.
+    no_open: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -150,6 +155,7 @@ impl KekFs {
             root_dev: st.st_dev,
             read_only,
             writeback,
+            no_open: false,
         })
     }
 
@@ -469,7 +475,35 @@ impl KekFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
+    /// The open file a request names: handle `fh`, or in no-open mode (handle 0) inode
+    /// `ino` through its shared content descriptor. The kernel checks the access mode of
+    /// the caller's descriptor before it sends a read or write.
+    fn file(&self, fh: FileHandle, ino: INodeNo) -> Res<Arc<OpenFile>> {
+        if fh.0 == 0 && self.no_open {
+            let node = self.node(ino)?;
+            if node.kind != FileType::RegularFile {
+                return Err(Errno::EBADF);
+            }
+            let file = node
+                .shared_file(|| {
+                    // Read-write where the backing file allows it (writes need reads too,
+                    // for partial blocks); a read-only one serves reads.
+                    match self.open_content(&node, !self.read_only) {
+                        Ok(f) => Ok(f),
+                        Err(Errno::EACCES | Errno::EPERM | Errno::EROFS) if !self.read_only => {
+                            self.open_content(&node, false)
+                        }
+                        Err(e) => Err(e),
+                    }
+                    .map_err(|e| io::Error::from_raw_os_error(e.code()))
+                })
+                .map_err(|e| errno(&e))?;
+            return Ok(Arc::new(OpenFile {
+                node,
+                file,
+                writable: !self.read_only,
+            }));
+        }
         lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
@@ -814,6 +848,10 @@ impl fuser::Filesystem for KekFs {
                 log::info!("kernel lacks FUSE capability {missing:?}; continuing without it");
             }
         }
+        // Opening a file then costs no round trip (nor does closing it): see `open`.
+        self.no_open = config
+            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+            .is_ok();
         Ok(())
     }
 
@@ -867,7 +905,9 @@ impl fuser::Filesystem for KekFs {
                 if node.kind != FileType::RegularFile {
                     return Err(Errno::EINVAL);
                 }
-                let handle = fh.and_then(|fh| self.file(fh).ok()).filter(|h| h.writable);
+                let handle = fh
+                    .and_then(|fh| self.file(fh, ino).ok())
+                    .filter(|h| h.writable);
                 match handle {
                     Some(h) => self.truncate_node(&node, &h.file, size)?,
                     None => {
@@ -1101,6 +1141,13 @@ impl fuser::Filesystem for KekFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // The kernel then opens files without asking (no OPEN, no RELEASE; reads and
+            // writes carry handle 0 and use the node's shared content descriptor), and
+            // the revocation check happens at the first read or write instead.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let r = (|| {
             self.vol()?;
             let node = self.node(ino)?;
@@ -1119,7 +1166,7 @@ impl fuser::Filesystem for KekFs {
                 fh,
                 Arc::new(OpenFile {
                     node,
-                    file,
+                    file: Arc::new(file),
                     writable,
                 }),
             );
@@ -1131,7 +1178,7 @@ impl fuser::Filesystem for KekFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -1139,7 +1186,7 @@ impl fuser::Filesystem for KekFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let h = match self.file(fh) {
+        let h = match self.file(fh, ino) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
@@ -1167,7 +1214,7 @@ impl fuser::Filesystem for KekFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -1177,7 +1224,7 @@ impl fuser::Filesystem for KekFs {
         reply: ReplyWrite,
     ) {
         let r = (|| {
-            let h = self.file(fh)?;
+            let h = self.file(fh, ino)?;
             if !h.writable {
                 return Err(Errno::EBADF);
             }
@@ -1203,8 +1250,15 @@ impl fuser::Filesystem for KekFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes go straight to the backing file; nothing is buffered here.
-        reply.ok();
+        // Writes go straight to the backing file; nothing is buffered here. Files the kernel
+        // opens without asking (no-open mode) cannot carry FOPEN_NOFLUSH, so the first
+        // FLUSH is answered ENOSYS, which tells the kernel to send no more (it still writes
+        // back dirty pages itself before a close).
+        if self.no_open {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.ok();
+        }
     }
 
     fn release(
@@ -1224,12 +1278,12 @@ impl fuser::Filesystem for KekFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.file(fh).and_then(|h| {
+        let r = self.file(fh, ino).and_then(|h| {
             let res = if datasync {
                 h.file.sync_data()
             } else {
@@ -1517,13 +1571,20 @@ impl fuser::Filesystem for KekFs {
                 Ok(())
             })?;
             let file = opened.ok_or(Errno::EIO)?;
+            if self.no_open {
+                // In no-open mode the kernel sends no RELEASE for created files either: the
+                // descriptor becomes the node's shared one, and the handle is 0 like every
+                // other open's.
+                node.shared_file(|| Ok(file)).map_err(|e| errno(&e))?;
+                return Ok((0, attr));
+            }
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let fh = self.new_fh();
             lock(&self.files).insert(
                 fh,
                 Arc::new(OpenFile {
                     node,
-                    file,
+                    file: Arc::new(file),
                     writable,
                 }),
             );
@@ -1535,7 +1596,7 @@ impl fuser::Filesystem for KekFs {
     fn fallocate(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -1544,7 +1605,7 @@ impl fuser::Filesystem for KekFs {
     ) {
         let r = (|| {
             self.check_writable()?;
-            let h = self.file(fh)?;
+            let h = self.file(fh, ino)?;
             if !h.writable {
                 return Err(Errno::EBADF);
             }

@@ -12,6 +12,7 @@ use crate::volume::FileCipher;
 use fuser::FileType;
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -85,6 +86,10 @@ pub struct Node {
     /// Content cipher and the key epoch it was derived in, set once the file header is
     /// known (regular files only); cleared when keys are revoked.
     pub cipher: Mutex<Option<(u64, Arc<FileCipher>)>>,
+    /// The content descriptor that reads and writes use when the kernel opened the file
+    /// without telling kekfs (FUSE no-open mode): opened on first use, closed with the
+    /// node or, when idle, by the descriptor budget (closable nodes).
+    shared: Mutex<Option<Arc<File>>>,
 }
 
 impl Node {
@@ -101,6 +106,7 @@ impl Node {
             content: RwLock::new(()),
             dir_id: OnceLock::new(),
             cipher: Mutex::new(None),
+            shared: Mutex::new(None),
         }
     }
 
@@ -163,6 +169,7 @@ impl Node {
             content: RwLock::new(()),
             dir_id: OnceLock::new(),
             cipher: Mutex::new(None),
+            shared: Mutex::new(None),
         }
     }
 
@@ -276,14 +283,54 @@ impl Node {
         lock(&self.fd).is_some()
     }
 
-    /// Is this a closable node whose descriptor is open now?
+    /// The shared content descriptor (see `shared`), opened with `open` if there is none.
+    pub fn shared_file(&self, open: impl FnOnce() -> io::Result<File>) -> io::Result<Arc<File>> {
+        if let Some(f) = lock(&self.shared).as_ref() {
+            return Ok(f.clone());
+        }
+        // Opened without holding `shared`: `open` takes the node's other locks, and
+        // `close_if_idle` never holds `shared` together with them.
+        let f = Arc::new(open()?);
+        let mut s = lock(&self.shared);
+        if let Some(other) = s.as_ref() {
+            // Another thread opened it meanwhile; ours is closed on return.
+            return Ok(other.clone());
+        }
+        *s = Some(f.clone());
+        if let Some(b) = &self.budget {
+            b.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(f)
+    }
+
+    /// Is this a closable node with a descriptor open now (its own or the shared content
+    /// one)?
     fn holds_closable_fd(&self) -> bool {
+        if self.budget.is_some() && lock(&self.shared).is_some() {
+            return true;
+        }
         let fd = lock(&self.fd);
         fd.is_some() && lock(&self.origin).is_some()
     }
 
-    /// Close the descriptor if nothing uses it. True if it was closed.
+    /// Close the descriptors nothing uses. True if one was closed.
     fn close_if_idle(&self) -> bool {
+        let mut closed = false;
+        if self.budget.is_some() {
+            let mut s = lock(&self.shared);
+            if s.as_ref().is_some_and(|f| Arc::strong_count(f) == 1) {
+                *s = None;
+                if let Some(b) = &self.budget {
+                    b.open.fetch_sub(1, Ordering::Relaxed);
+                }
+                closed = true;
+            }
+        }
+        closed | self.close_fd_if_idle()
+    }
+
+    /// Close the node's own descriptor if it is closable and nothing uses it.
+    fn close_fd_if_idle(&self) -> bool {
         // Lock order everywhere: fd, then origin (then the parent's).
         let mut fd = lock(&self.fd);
         if lock(&self.origin).is_none() {
@@ -306,11 +353,10 @@ impl Drop for Node {
     fn drop(&mut self) {
         let has_fd = lock(&self.fd).is_some();
         let closable = lock(&self.origin).is_some();
-        if has_fd
-            && closable
-            && let Some(b) = &self.budget
-        {
-            b.open.fetch_sub(1, Ordering::Relaxed);
+        let shared = lock(&self.shared).is_some();
+        if let Some(b) = &self.budget {
+            let n = usize::from(has_fd && closable) + usize::from(shared);
+            b.open.fetch_sub(n, Ordering::Relaxed);
         }
     }
 }
