@@ -5,8 +5,11 @@
 //! with a single name keep theirs only as a cache: past a budget (a share of the
 //! process's descriptor limit) the least recently looked-up idle ones are closed and
 //! reopened on demand from their parent directory and backing name, checked against
-//! the inode number. So the kernel may cache any number of entries without the daemon
-//! running out of descriptors (EMFILE).
+//! the inode number. A node made by a lookup starts without one and opens it on first
+//! use. The content descriptor a file shares among all its opens in FUSE's no-open mode
+//! counts against the same budget and is closed the same way when idle. So the kernel
+//! may cache any number of entries without the daemon running out of descriptors
+//! (EMFILE).
 
 use crate::volume::FileCipher;
 use fuser::FileType;
