@@ -98,12 +98,24 @@ pub struct Node {
 impl Node {
     /// A new node whose descriptor stays open as long as the node lives.
     pub fn new(ino: u64, fd: OwnedFd, kind: FileType) -> Self {
+        Self::with(ino, ino, Some(fd), None, None, kind)
+    }
+
+    /// A node with nothing cached yet.
+    fn with(
+        ino: u64,
+        backing_ino: u64,
+        fd: Option<OwnedFd>,
+        origin: Option<Origin>,
+        budget: Option<Arc<FdBudget>>,
+        kind: FileType,
+    ) -> Self {
         Self {
             ino,
-            backing_ino: ino,
-            fd: Mutex::new(Some(Arc::new(fd))),
-            origin: Mutex::new(None),
-            budget: None,
+            backing_ino,
+            fd: Mutex::new(fd.map(Arc::new)),
+            origin: Mutex::new(origin),
+            budget,
             used: AtomicU64::new(0),
             kind,
             content: RwLock::new(()),
@@ -158,22 +170,18 @@ impl Node {
         budget: &Arc<FdBudget>,
     ) -> Self {
         debug_assert!(Self::may_close(kind, st));
-        Self {
+        let origin = Origin {
+            parent: parent.clone(),
+            entry: entry.to_owned(),
+        };
+        Self::with(
             ino,
-            backing_ino: st.st_ino,
-            fd: Mutex::new(None),
-            origin: Mutex::new(Some(Origin {
-                parent: parent.clone(),
-                entry: entry.to_owned(),
-            })),
-            budget: Some(budget.clone()),
-            used: AtomicU64::new(0),
+            st.st_ino,
+            None,
+            Some(origin),
+            Some(budget.clone()),
             kind,
-            content: RwLock::new(()),
-            dir_id: OnceLock::new(),
-            cipher: Mutex::new(None),
-            shared: Mutex::new(None),
-        }
+        )
     }
 
     /// The node's O_PATH descriptor, reopened from its parent if it was closed. Fails
