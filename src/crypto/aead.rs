@@ -143,26 +143,6 @@ impl Cipher {
         }
     }
 
-    /// Open a sealed message (nonce, ciphertext, tag) in place: on success the plaintext
-    /// is `sealed[NONCE_LEN..sealed.len() - TAG_LEN]`. On failure the whole of `sealed`
-    /// is zeroed so no unauthenticated plaintext is left behind.
-    pub fn open_in_place(&self, aad: &[u8], sealed: &mut [u8]) -> Result<(), AuthError> {
-        if sealed.len() < OVERHEAD {
-            return Err(AuthError);
-        }
-        let (nonce, ct_tag) = sealed.split_at_mut(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| AuthError)?;
-        if self
-            .inner
-            .open_in_place(nonce, Aad::from(aad), ct_tag)
-            .is_err()
-        {
-            sealed.fill(0);
-            return Err(AuthError);
-        }
-        Ok(())
-    }
-
     /// Open into a new vector.
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, AuthError> {
         if sealed.len() < OVERHEAD {
@@ -191,27 +171,6 @@ mod tests {
             assert_eq!(c.open(b"aad", &bad), Err(AuthError), "flip at {i}");
         }
         assert_eq!(c.open(b"aad", &sealed[..5]), Err(AuthError));
-    }
-
-    #[test]
-    fn open_in_place_matches_open_and_wipes_on_failure() {
-        let c = Cipher::new(&Key32::from_bytes([7u8; 32]));
-        let sealed = c.seal(b"aad", b"in place");
-        let mut buf = sealed.clone();
-        c.open_in_place(b"aad", &mut buf).unwrap();
-        assert_eq!(&buf[NONCE_LEN..buf.len() - TAG_LEN], b"in place");
-        for i in 0..sealed.len() {
-            let mut bad = sealed.clone();
-            bad[i] ^= 0x01;
-            assert_eq!(
-                c.open_in_place(b"aad", &mut bad),
-                Err(AuthError),
-                "flip at {i}"
-            );
-            assert!(bad.iter().all(|&b| b == 0), "not wiped after a flip at {i}");
-        }
-        let mut short = sealed[..OVERHEAD - 1].to_vec();
-        assert_eq!(c.open_in_place(b"aad", &mut short), Err(AuthError));
     }
 
     #[test]

@@ -484,20 +484,16 @@ impl KekFs {
             if node.kind != FileType::RegularFile {
                 return Err(Errno::EBADF);
             }
-            let file = node
-                .shared_file(|| {
-                    // Read-write where the backing file allows it (writes need reads too,
-                    // for partial blocks); a read-only one serves reads.
-                    match self.open_content(&node, !self.read_only) {
-                        Ok(f) => Ok(f),
-                        Err(Errno::EACCES | Errno::EPERM | Errno::EROFS) if !self.read_only => {
-                            self.open_content(&node, false)
-                        }
-                        Err(e) => Err(e),
+            let file = node.shared_file(|| {
+                // Read-write where the backing file allows it (writes need reads too, for
+                // partial blocks); a read-only one serves reads.
+                match self.open_content(&node, !self.read_only) {
+                    Err(Errno::EACCES | Errno::EPERM | Errno::EROFS) if !self.read_only => {
+                        self.open_content(&node, false)
                     }
-                    .map_err(|e| io::Error::from_raw_os_error(e.code()))
-                })
-                .map_err(|e| errno(&e))?;
+                    r => r,
+                }
+            })?;
             return Ok(Arc::new(OpenFile {
                 node,
                 file,
@@ -1575,7 +1571,7 @@ impl fuser::Filesystem for KekFs {
                 // In no-open mode the kernel sends no RELEASE for created files either: the
                 // descriptor becomes the node's shared one, and the handle is 0 like every
                 // other open's.
-                node.shared_file(|| Ok(file)).map_err(|e| errno(&e))?;
+                node.shared_file(|| Ok::<_, Errno>(file))?;
                 return Ok((0, attr));
             }
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;

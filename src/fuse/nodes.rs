@@ -295,7 +295,7 @@ impl Node {
     }
 
     /// The shared content descriptor (see `shared`), opened with `open` if there is none.
-    pub fn shared_file(&self, open: impl FnOnce() -> io::Result<File>) -> io::Result<Arc<File>> {
+    pub fn shared_file<E>(&self, open: impl FnOnce() -> Result<File, E>) -> Result<Arc<File>, E> {
         if let Some(f) = lock(&self.shared).as_ref() {
             return Ok(f.clone());
         }
@@ -327,13 +327,11 @@ impl Node {
     /// Close the descriptors nothing uses. True if one was closed.
     fn close_if_idle(&self) -> bool {
         let mut closed = false;
-        if self.budget.is_some() {
+        if let Some(b) = &self.budget {
             let mut s = lock(&self.shared);
             if s.as_ref().is_some_and(|f| Arc::strong_count(f) == 1) {
                 *s = None;
-                if let Some(b) = &self.budget {
-                    b.open.fetch_sub(1, Ordering::Relaxed);
-                }
+                b.open.fetch_sub(1, Ordering::Relaxed);
                 closed = true;
             }
         }

@@ -138,10 +138,9 @@ struct ReplyState {
     armed: bool,
     /// The entry's header and payload buffers, when the reply may go straight there.
     direct: Option<(*mut ReqHeader, *mut u8)>,
-    /// Capacity of the payload buffer as registered: the most a reply may carry.
+    /// Capacity of the payload buffer as registered: the most a reply may carry (a
+    /// filesystem may work in `reply_room(payload)` bytes, see `ReplyData::fill`).
     payload: usize,
-    /// Bytes of the payload buffer a filesystem may work in (`ReplyData::fill`).
-    room: usize,
     buffered: Vec<u8>,
     sent: Sent,
 }
@@ -173,7 +172,6 @@ impl UringReply {
                 armed: false,
                 direct: None,
                 payload,
-                room: reply_room(payload),
                 buffered: Vec::new(),
                 sent: Sent::Nothing,
             }),
@@ -232,9 +230,7 @@ impl UringReply {
         }
         Ok(())
     }
-}
 
-impl UringReply {
     /// Lets `fill` write a reply's payload straight into the entry's payload buffer, if
     /// the reply may go there (armed, nothing sent yet, no request payload in the buffer)
     /// and `room` bytes fit; otherwise hands `fill` back untouched. `fill` gets at least
@@ -248,28 +244,25 @@ impl UringReply {
         let Some((header, payload)) = st.direct else {
             return Err(fill);
         };
-        if !st.armed || st.sent != Sent::Nothing || room > st.room {
+        let mapped = reply_room(st.payload);
+        if !st.armed || st.sent != Sent::Nothing || room > mapped {
             return Err(fill);
         }
-        // SAFETY: the payload buffer has `st.room` bytes (mapped in `Entry::new`), all
-        // initialised (zero-filled mapping); it is ours while armed and not borrowed (a
-        // direct entry's request has no payload), and the lock keeps every other writer out
-        // until `fill` returns.
-        let buf = unsafe { std::slice::from_raw_parts_mut(payload, st.room) };
+        // SAFETY: the payload buffer has `reply_room(payload)` bytes (mapped in
+        // `Entry::new`), all initialised (zero-filled mapping); it is ours while armed and
+        // not borrowed (a direct entry's request has no payload), and the lock keeps every
+        // other writer out until `fill` returns.
+        let buf = unsafe { std::slice::from_raw_parts_mut(payload, mapped) };
         let (errno, len) = match fill(buf) {
             Ok(n) if n <= st.payload => (0, n),
             Ok(n) => {
                 st.sent = Sent::TooLarge(OUT_HEADER + n);
                 return Ok(());
             }
-            Err(e) => (-e.code(), 0),
+            Err(e) => (e.code(), 0),
         };
-        let mut out = [0u8; OUT_HEADER];
-        out[..4].copy_from_slice(&((OUT_HEADER + len) as u32).to_ne_bytes());
-        out[4..8].copy_from_slice(&errno.to_ne_bytes());
-        out[8..16].copy_from_slice(&unique.to_ne_bytes());
         // SAFETY: the header buffer is ours while armed (see the Send impl).
-        unsafe { set_out_header(header, &out, len as u32) };
+        unsafe { set_out_header(header, &out_header(unique, errno, len), len as u32) };
         st.sent = Sent::Direct;
         Ok(())
     }
@@ -412,8 +405,8 @@ struct Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         // SAFETY: both were allocated in `Entry::new` (Box, mmap of PREFIX +
-        // reply_room(payload) bytes) and are freed only here; the caller keeps an entry the kernel may still
-        // write to alive.
+        // reply_room(payload) bytes) and are freed only here; the caller keeps an entry
+        // the kernel may still write to alive.
         unsafe {
             drop(Box::from_raw(self.header));
             libc::munmap(self.buf.cast(), PREFIX + reply_room(self.payload));
@@ -562,13 +555,19 @@ impl Entry {
 
     /// Leaves an error reply (no payload) for request `unique` in the entry.
     fn put_error(&mut self, unique: u64, errno: i32) {
-        let mut out = [0u8; OUT_HEADER];
-        out[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-        out[4..8].copy_from_slice(&(-errno).to_ne_bytes());
-        out[8..16].copy_from_slice(&unique.to_ne_bytes());
         // SAFETY: the buffers are ours until the commit (see `serve`).
-        unsafe { set_out_header(self.header, &out, 0) };
+        unsafe { set_out_header(self.header, &out_header(unique, errno, 0), 0) };
     }
+}
+
+/// `struct fuse_out_header` for request `unique`: `errno` (positive, 0 for success) and
+/// `payload` bytes after the header.
+fn out_header(unique: u64, errno: i32, payload: usize) -> [u8; OUT_HEADER] {
+    let mut out = [0u8; OUT_HEADER];
+    out[..4].copy_from_slice(&((OUT_HEADER + payload) as u32).to_ne_bytes());
+    out[4..8].copy_from_slice(&(-errno).to_ne_bytes());
+    out[8..16].copy_from_slice(&unique.to_ne_bytes());
+    out
 }
 
 /// Puts a reply's out header (`out`, 16 bytes) and its payload size into a header buffer.
