@@ -195,28 +195,45 @@ def run_fio(d, job):
     ] + job["extra"]
     if "runtime" in job:
         args += ["--time_based", "--runtime=" + job["runtime"]]
-    if job["rw"] in ("read", "randread") or "rw" in job["rw"]:
-        # Lay the file out first, then drop caches so reads are not served from RAM.
-        sh(["fio", "--name=layout", "--filename=" + fname, "--rw=write", "--bs=1m",
-            "--size=" + job["size"], "--output-format=json"] +
-           [e for e in job["extra"] if e.startswith("--direct")],
-           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        drop_caches()
-    r = subprocess.run(args, capture_output=True, text=True)
-    if r.returncode != 0:
-        return None
     try:
-        out = json.loads(r.stdout[r.stdout.index("{"):])
-    except (ValueError, json.JSONDecodeError):
-        return None
+        if job["rw"] in ("read", "randread") or "rw" in job["rw"]:
+            # Lay the file out first, then drop caches so reads are not served from RAM.
+            lay = subprocess.run(
+                ["fio", "--name=layout", "--filename=" + fname, "--rw=write", "--bs=1m",
+                 "--size=" + job["size"], "--output-format=json"] +
+                [e for e in job["extra"] if e.startswith("--direct")],
+                capture_output=True, text=True)
+            if lay.returncode != 0:
+                return fio_failed(job, fname, "laying out the file", lay)
+            drop_caches()
+        r = subprocess.run(args, capture_output=True, text=True)
+        if r.returncode != 0:
+            return fio_failed(job, fname, "the run", r)
+        try:
+            out = json.loads(r.stdout[r.stdout.index("{"):])
+        except (ValueError, json.JSONDecodeError):
+            return fio_failed(job, fname, "reading its JSON output", r)
+    finally:
+        # Each repetition starts from a fresh file, and the files of earlier jobs do not
+        # pile up in the tmpfs (the full-size jobs of five targets would not fit).
+        try:
+            os.remove(fname)
+        except OSError:
+            pass
     jb = out["jobs"][0]
     bw = jb["read"]["bw"] + jb["write"]["bw"]  # KiB/s
     iops = jb["read"]["iops"] + jb["write"]["iops"]
-    if job["rw"] in ("write",) and "direct" not in job["name"]:
-        pass
     if job["bs"] == "1m":
         return bw / 1024.0, "MiB/s"
     return iops, "IOPS"
+
+
+def fio_failed(job, fname, step, proc):
+    """Say on stderr why a fio job failed (the target then shows n/a); returns None."""
+    tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
+    print(f"  {job['name']} on {fname}: fio failed in {step} (exit {proc.returncode}): {tail}",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def small_files(d, n):

@@ -248,6 +248,94 @@ fn full_backing_store_enospc_then_recovers() {
     );
 }
 
+fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate takes no pointers; the descriptor is open.
+    match unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// fallocate reserves real backing space: a request larger than the free space fails with
+/// ENOSPC (and leaves the size alone), and writes into a reserved range succeed after the
+/// volume has filled up, for mode 0 (which grows the file), KEEP_SIZE (past the end) and
+/// ZERO_RANGE (inside the file).
+#[test]
+fn fallocate_reserves_backing_space() {
+    let Some((env, _tmpfs)) = env_on_tmpfs("fallocate_reserves_backing_space", "16m") else {
+        return;
+    };
+    let m = env.mount();
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(m.p(name))
+            .unwrap()
+    };
+    let too_big = open("too-big");
+    assert_eq!(
+        errno(fallocate(&too_big, 0, 0, 64 << 20)),
+        Some(libc::ENOSPC),
+        "reserving more than the free space"
+    );
+    assert_eq!(
+        too_big.metadata().unwrap().len(),
+        0,
+        "a failed reservation grew the file"
+    );
+    drop(too_big);
+    std::fs::remove_file(m.p("too-big")).unwrap();
+
+    // Mode 0: 3 MiB + a partial block, reserved and grown.
+    let grown = open("grown");
+    let grown_len = (3 << 20) + 1000;
+    fallocate(&grown, 0, 0, grown_len as u64).unwrap();
+    assert_eq!(grown.metadata().unwrap().len(), grown_len as u64);
+    // KEEP_SIZE past the end: 2 MiB reserved, size unchanged.
+    let kept = open("kept");
+    let kept_len = 2 << 20;
+    fallocate(&kept, libc::FALLOC_FL_KEEP_SIZE, 0, kept_len as u64).unwrap();
+    assert_eq!(kept.metadata().unwrap().len(), 0);
+    // ZERO_RANGE inside a file that already has data: reads as zeros, stays reserved.
+    let zeroed = open("zeroed");
+    let zeroed_len = 1 << 20;
+    zeroed.write_all_at(&pattern(3, zeroed_len), 0).unwrap();
+    zeroed.sync_all().unwrap();
+    fallocate(&zeroed, libc::FALLOC_FL_ZERO_RANGE, 0, zeroed_len as u64).unwrap();
+    assert_eq!(std::fs::read(m.p("zeroed")).unwrap(), vec![0u8; zeroed_len]);
+
+    // Fill the rest of the volume.
+    let big = m.p("big");
+    fill(&big, 32 << 20);
+    assert!(daemon_alive(&m), "the daemon died on ENOSPC");
+
+    // The reserved ranges still take their data.
+    for (f, name, len, seed) in [
+        (&grown, "grown", grown_len, 1),
+        (&kept, "kept", kept_len, 2),
+        (&zeroed, "zeroed", zeroed_len, 4),
+    ] {
+        let data = pattern(seed, len);
+        f.write_all_at(&data, 0)
+            .and_then(|()| f.sync_all())
+            .unwrap_or_else(|e| panic!("{name}: writing its reserved range on a full volume: {e}"));
+        assert_eq!(std::fs::read(m.p(name)).unwrap(), data, "{name}");
+    }
+    drop((grown, kept, zeroed));
+    m.unmount();
+    let m = env.mount();
+    assert_eq!(
+        std::fs::read(m.p("kept")).unwrap(),
+        pattern(2, kept_len),
+        "kept, remounted"
+    );
+    m.unmount();
+}
+
 #[test]
 fn huge_sparse_file_costs_no_space() {
     let Some((env, tmpfs)) = env_on_tmpfs("huge_sparse_file_costs_no_space", "8m") else {

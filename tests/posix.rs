@@ -750,34 +750,30 @@ fn mkdir_rmdir_readdir_unlink() {
         }
     }
     // Errors: rmdir non-empty, mkdir existing, rmdir a file, unlink a dir, missing names.
-    assert_eq!(
-        errno_of(fs::remove_dir(m.p("a/b")), "rmdir non-empty"),
-        libc::ENOTEMPTY
-    );
-    assert_eq!(
-        errno_of(fs::create_dir(m.p("a")), "mkdir existing"),
-        libc::EEXIST
-    );
-    assert_eq!(
-        errno_of(fs::remove_dir(m.p("a/file")), "rmdir file"),
-        libc::ENOTDIR
-    );
-    assert_eq!(
-        errno_of(fs::remove_file(m.p("a/b")), "unlink dir"),
-        libc::EISDIR
-    );
-    assert_eq!(
-        errno_of(fs::remove_file(m.p("nope")), "unlink missing"),
-        libc::ENOENT
-    );
-    assert_eq!(
-        errno_of(fs::metadata(m.p("a/nope/x")), "stat missing"),
-        libc::ENOENT
-    );
-    assert_eq!(
-        errno_of(fs::create_dir(m.p("nope/x")), "mkdir in missing"),
-        libc::ENOENT
-    );
+    let cases: [(&str, io::Result<()>, i32); 7] = [
+        (
+            "rmdir non-empty",
+            fs::remove_dir(m.p("a/b")),
+            libc::ENOTEMPTY,
+        ),
+        ("mkdir existing", fs::create_dir(m.p("a")), libc::EEXIST),
+        ("rmdir file", fs::remove_dir(m.p("a/file")), libc::ENOTDIR),
+        ("unlink dir", fs::remove_file(m.p("a/b")), libc::EISDIR),
+        ("unlink missing", fs::remove_file(m.p("nope")), libc::ENOENT),
+        (
+            "stat missing",
+            fs::metadata(m.p("a/nope/x")).map(drop),
+            libc::ENOENT,
+        ),
+        (
+            "mkdir in missing",
+            fs::create_dir(m.p("nope/x")),
+            libc::ENOENT,
+        ),
+    ];
+    for (what, r, want) in cases {
+        assert_eq!(errno_of(r, what), want, "{what}");
+    }
     // Many entries: readdir needs several kernel round-trips.
     fs::create_dir(m.p("many")).unwrap();
     let mut want = Vec::new();

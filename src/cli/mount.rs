@@ -95,6 +95,24 @@ fn transport(uring_active: &std::sync::atomic::AtomicBool) -> &'static str {
     }
 }
 
+/// The daemon's published status. The key monitor and the transport thread both update
+/// it; each update takes the current key state and transport, and publishes under the
+/// lock, so a later update never loses to an earlier one.
+struct StatusBoard {
+    current: std::sync::Mutex<status::Published>,
+    uring_active: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StatusBoard {
+    fn update(&self, gate: &Gate, f: impl FnOnce(&mut status::Published)) {
+        let mut p = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        p.key_state = status::state_json(gate);
+        p.transport = transport(&self.uring_active).into();
+        f(&mut p);
+        status::publish(&p);
+    }
+}
+
 /// Parse a duration: `50us`, `500ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -658,6 +676,10 @@ fn serve(
         transport: transport(&uring_active).into(),
     };
     status::publish(&published);
+    let board = Arc::new(StatusBoard {
+        current: std::sync::Mutex::new(published),
+        uring_active,
+    });
     // The rings register a few milliseconds into the session, after this first
     // publication: publish again once they have, rather than at the next key poll; or
     // say why the mount stays on /dev/fuse.
@@ -666,15 +688,17 @@ fn serve(
     let stop = Stop::default();
     let mut transport_thread = None;
     if !opts.no_uring {
-        let mut p = published.clone();
-        let active = uring_active.clone();
+        let board = board.clone();
         let gate = gate.clone();
         let stop = stop.clone();
         transport_thread = std::thread::Builder::new()
             .name("kekfs-transport".into())
             .spawn(move || {
                 let since = std::time::Instant::now();
-                while !active.load(std::sync::atomic::Ordering::Acquire) {
+                while !board
+                    .uring_active
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
                     if stop.wait(Duration::from_millis(5)) {
                         return;
                     }
@@ -687,19 +711,15 @@ fn serve(
                         return;
                     }
                 }
-                p.key_state = status::state_json(&gate);
-                p.transport = transport(&active).into();
-                status::publish(&p);
+                board.update(&gate, |_| {});
             })
             .ok();
     }
     monitor.on_poll = Some(Box::new(move |gate, last_ok, key_version| {
-        let mut p = published.clone();
-        p.key_state = status::state_json(gate);
-        p.last_ok_poll = last_ok.map(crate::time::unix_secs);
-        p.key_version = key_version.unwrap_or(p.key_version);
-        p.transport = transport(&uring_active).into();
-        status::publish(&p);
+        board.update(gate, |p| {
+            p.last_ok_poll = last_ok.map(crate::time::unix_secs);
+            p.key_version = key_version.unwrap_or(p.key_version);
+        });
     }));
     let stop_monitor = stop.clone();
     let monitor_thread = std::thread::Builder::new()

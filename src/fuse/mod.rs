@@ -1630,6 +1630,13 @@ impl fuser::Filesystem for KekFs {
                 content::zero_range(&h.file, &c, offset, length.min(size.saturating_sub(offset)))
                     .map_err(|e| self.content_err(&h.node, e))?;
             }
+            // Every mode but PUNCH_HOLE promises that later writes in the range find space:
+            // reserve the range's ciphertext in the backing file (after zeroing, which
+            // punches backing holes; before growing, so ENOSPC leaves the size alone).
+            if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+                content::reserve(&h.file, offset, length)
+                    .map_err(|e| self.content_err(&h.node, e))?;
+            }
             if !keep_size && end > size {
                 content::truncate(&h.file, &c, end).map_err(|e| self.content_err(&h.node, e))?;
             }

@@ -560,16 +560,7 @@ pub fn zero_range(file: &File, fc: &FileCipher, off: u64, len: u64) -> Result<()
     }
     let (cs, ce) = (block_ct_offset(first_full), block_ct_offset(full_end));
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on a valid descriptor with in-range offsets.
-    let r = unsafe {
-        libc::fallocate(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            mode,
-            cs as i64,
-            (ce - cs) as i64,
-        )
-    };
-    if r != 0 {
+    if fallocate(file, mode, cs, ce - cs).is_err() {
         // No hole punching on this backing fs: write zero ciphertext, which reads as a hole.
         let zeros = vec![0u8; 1 << 20];
         let mut pos = cs;
@@ -580,6 +571,38 @@ pub fn zero_range(file: &File, fc: &FileCipher, off: u64, len: u64) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Reserve backing space for plaintext range `[off, off+len)`: the whole ciphertext of
+/// every block the range touches, so that writes inside it do not fail for lack of space.
+/// The backing file's size (which encodes the plaintext size) does not change; callers
+/// extend the file separately. Fails as the backing filesystem does (`ENOSPC`, or
+/// `EOPNOTSUPP` where it cannot reserve space).
+pub fn reserve(file: &File, off: u64, len: u64) -> Result<(), ContentError> {
+    off.checked_add(len)
+        .filter(|&e| e <= MAX_FILE_SIZE)
+        .ok_or(ContentError::TooLarge)?;
+    let Some((first, last)) = block_range(off, len) else {
+        return Ok(());
+    };
+    let (start, end) = (
+        block_ct_offset(first),
+        block_ct_offset(last) + CT_BLOCK_SIZE,
+    );
+    fallocate(file, libc::FALLOC_FL_KEEP_SIZE, start, end - start)?;
+    Ok(())
+}
+
+/// fallocate(2) on a backing content file (offsets below `i64::MAX`: see `MAX_FILE_SIZE`).
+fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: fallocate takes no pointers; the descriptor is valid for the call.
+    match unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(file), mode, off, len) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 #[cfg(test)]

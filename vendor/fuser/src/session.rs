@@ -532,8 +532,6 @@ impl<FS: Filesystem> Session<FS> {
                     threads_per_queue: self.config.io_uring_threads,
                     spin: self.config.io_uring_spin,
                     active: self.uring_active.clone(),
-                    registered: Arc::default(),
-                    threads: 0,
                 });
             }
 

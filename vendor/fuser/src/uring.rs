@@ -105,15 +105,21 @@ pub(crate) struct UringParams {
     /// Set once every ring thread's entry is registered: from then on the kernel sends
     /// requests through the rings (it waits for every CPU queue to have an entry).
     pub(crate) active: Arc<AtomicBool>,
-    /// Ring threads whose entry the kernel has accepted, and how many there are.
-    pub(crate) registered: Arc<AtomicUsize>,
-    pub(crate) threads: usize,
 }
 
-impl UringParams {
-    /// Counts one more registered entry; the last one switches `active` on.
-    fn count_registered(&self) {
-        if self.registered.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+/// Counts the ring threads whose entry the kernel has accepted; the last of `expected`
+/// switches `active` on.
+#[derive(Debug)]
+struct Registrations {
+    active: Arc<AtomicBool>,
+    done: AtomicUsize,
+    expected: usize,
+}
+
+impl Registrations {
+    /// Counts one more registered entry.
+    fn count(&self) {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.expected {
             self.active.store(true, Ordering::Release);
             info!("FUSE over io_uring: every queue is registered; requests use the rings");
         }
@@ -326,7 +332,7 @@ fn parse_cpu_list(text: &str) -> Vec<usize> {
 /// (io_uring disabled, an old kernel) they log why and exit, and /dev/fuse keeps serving.
 pub(crate) fn start<FS: Filesystem>(
     template: &SessionEventLoop<FS>,
-    mut params: UringParams,
+    params: UringParams,
 ) -> io::Result<UringThreads> {
     let mut cpus = possible_cpus();
     cpus.retain(|&cpu| u16::try_from(cpu).is_ok());
@@ -335,7 +341,11 @@ pub(crate) fn start<FS: Filesystem>(
             "cannot read the possible CPUs from /sys/devices/system/cpu/possible",
         ));
     }
-    params.threads = cpus.len() * params.threads_per_queue.max(1);
+    let registrations = Arc::new(Registrations {
+        active: params.active.clone(),
+        done: AtomicUsize::new(0),
+        expected: cpus.len() * params.threads_per_queue.max(1),
+    });
     // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -358,6 +368,7 @@ pub(crate) fn start<FS: Filesystem>(
             };
             let stop_fd = stop.as_raw_fd();
             let params = params.clone();
+            let registrations = registrations.clone();
             let spawned = thread::Builder::new().name(name).spawn(move || {
                 // The first thread of a queue stays on the queue's CPU, so a caller and the
                 // thread serving it share a CPU; the others float, so that a burst of
@@ -365,7 +376,7 @@ pub(crate) fn start<FS: Filesystem>(
                 // several. Measured: all pinned, seq read 826-955 MiB/s; first pinned,
                 // 1506; 4 KiB jobs the same within the noise.
                 let pin = (t == 0).then_some(cpu);
-                if let Err(err) = run_queue(&se, qid, pin, stop_fd, &params) {
+                if let Err(err) = run_queue(&se, qid, pin, stop_fd, &params, &registrations) {
                     warn!("io_uring queue {qid}: {err}; requests go through /dev/fuse");
                 }
             });
@@ -630,6 +641,7 @@ fn run_queue<FS: Filesystem>(
     cpu: Option<usize>,
     stop: RawFd,
     params: &UringParams,
+    registrations: &Registrations,
 ) -> io::Result<()> {
     if let Some(cpu) = cpu {
         pin_to_cpu(cpu);
@@ -664,7 +676,7 @@ fn run_queue<FS: Filesystem>(
     ring.submit()?;
     let mut registered = ring.completion().is_empty();
     if registered {
-        params.count_registered();
+        registrations.count();
         debug!("io_uring: queue {qid} registered (pinned to {cpu:?})");
     }
     // Whether the kernel may still write into the entry's buffers.
@@ -725,7 +737,7 @@ fn run_queue<FS: Filesystem>(
         }
         if !registered {
             registered = true;
-            params.count_registered();
+            registrations.count();
             debug!("io_uring: queue {qid} registered (pinned to {cpu:?})");
         }
         let commit_id = entry.serve(se);
