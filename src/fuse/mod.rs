@@ -1633,9 +1633,15 @@ impl fuser::Filesystem for KekFs {
             // Every mode but PUNCH_HOLE promises that later writes in the range find space:
             // reserve the range's ciphertext in the backing file (after zeroing, which
             // punches backing holes; before growing, so ENOSPC leaves the size alone).
+            // A backing fs that cannot reserve space fails mode 0 and KEEP_SIZE with
+            // EOPNOTSUPP (glibc's posix_fallocate then writes the range instead); a zero
+            // range has done its zeroing and succeeds without the reservation.
             if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
-                content::reserve(&h.file, offset, length)
-                    .map_err(|e| self.content_err(&h.node, e))?;
+                match content::reserve(&h.file, offset, length) {
+                    Err(ContentError::Io(e))
+                        if zero && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                    r => r.map_err(|e| self.content_err(&h.node, e))?,
+                }
             }
             if !keep_size && end > size {
                 content::truncate(&h.file, &c, end).map_err(|e| self.content_err(&h.node, e))?;
