@@ -3,7 +3,7 @@
 # integration tests that mount real FUSE filesystems (they need root and /dev/fuse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh qemu-utils   # extra: qemu-img/qemu-io/qemu-nbd for tests/qemu.rs
+scripts/deps.sh qemu-utils e2fsprogs   # extra: qemu-img/qemu-io/qemu-nbd for tests/qemu.rs; mkfs.ext2 for tests/exhaustion.rs
 # kekfs uses FUSE over io_uring where the kernel offers it; tests/uring.rs covers both
 # transports.
 scripts/enable-uring.sh

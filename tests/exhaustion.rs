@@ -1,5 +1,7 @@
-//! Resource exhaustion: a full backing store (a small tmpfs), a huge sparse file, many
-//! open files, a deep directory tree, names and symlink targets at their length limits.
+//! Resource exhaustion: a full backing store (a small tmpfs), space reserved with
+//! fallocate (and a backing fs that cannot reserve it, a loop-mounted ext2), a huge
+//! sparse file, many open files, a deep directory tree, names and symlink targets at
+//! their length limits.
 //! Each either works or fails with the right errno; the daemon never dies, data written
 //! before stays intact, and no half-written block is ever returned as data.
 
@@ -334,6 +336,115 @@ fn fallocate_reserves_backing_space() {
         "kept, remounted"
     );
     m.unmount();
+}
+
+/// A loop-mounted ext2 filesystem in the test's directory (ext2 cannot reserve space:
+/// fallocate without PUNCH_HOLE fails with EOPNOTSUPP); unmounted on drop.
+struct Ext2 {
+    path: PathBuf,
+}
+
+impl Ext2 {
+    fn new(env: &Env, size_mib: u64) -> Ext2 {
+        let image = env.dir.path().join("ext2.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .unwrap();
+        let o = Command::new("mkfs.ext2")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .output()
+            .expect("run mkfs.ext2 (e2fsprogs)");
+        assert!(
+            o.status.success(),
+            "mkfs.ext2: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let path = env.dir.path().join("ext2");
+        std::fs::create_dir_all(&path).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "ext2", "-o", "loop"])
+            .arg(&image)
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(
+            o.status.success(),
+            "mount -o loop (ext2): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ext2 { path }
+    }
+}
+
+impl Drop for Ext2 {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// On a backing filesystem that cannot reserve space (ext2), fallocate mode 0 and
+/// KEEP_SIZE fail with EOPNOTSUPP and change nothing; posix_fallocate then falls back to
+/// writing the range (glibc), which works; a zero range still zeroes.
+#[test]
+fn fallocate_on_a_backing_fs_without_reservations() {
+    let Some(mut env) = Env::new("fallocate_on_a_backing_fs_without_reservations") else {
+        return;
+    };
+    let ext2 = Ext2::new(&env, 32);
+    env.backing = ext2.path.join("backing");
+    env.init_volume();
+    let m = env.mount();
+    let path = m.p("f");
+    let data = pattern(7, 3 * BLOCK + 100);
+    std::fs::write(&path, &data).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    for (mode, what) in [(0, "mode 0"), (libc::FALLOC_FL_KEEP_SIZE, "KEEP_SIZE")] {
+        assert_eq!(
+            errno(fallocate(&f, mode, 0, 1 << 20)),
+            Some(libc::EOPNOTSUPP),
+            "{what} on ext2"
+        );
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            data.len() as u64,
+            "{what} changed the size"
+        );
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // glibc's posix_fallocate writes the range when the filesystem cannot reserve it.
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fallocate takes no pointers; the descriptor is open.
+    let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, 64 << 10) };
+    assert_eq!(r, 0, "posix_fallocate: {}", io::Error::from_raw_os_error(r));
+    assert_eq!(f.metadata().unwrap().len(), 64 << 10);
+    let mut model = data.clone();
+    model.resize(64 << 10, 0);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        model,
+        "after posix_fallocate"
+    );
+    // A zero range zeroes, reserved or not.
+    fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 100, 2 * BLOCK as u64).unwrap();
+    model[100..100 + 2 * BLOCK].fill(0);
+    assert_eq!(std::fs::read(&path).unwrap(), model, "after a zero range");
+    drop(f);
+    m.unmount();
+    let m = env.mount();
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), model, "remounted");
+    m.unmount();
+    drop(ext2);
 }
 
 #[test]
