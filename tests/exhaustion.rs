@@ -24,36 +24,59 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A tmpfs of `size` mounted in the test's directory; unmounted on drop (lazily if busy).
-struct Tmpfs {
+/// Run `cmd`; it must succeed (its stderr is shown when it does not).
+fn run_ok(cmd: &mut Command, what: &str) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A filesystem mounted at `dir` in the test's directory; unmounted on drop (lazily if
+/// busy).
+struct TestMount {
     path: PathBuf,
 }
 
-impl Tmpfs {
-    fn new(env: &Env, size: &str) -> Tmpfs {
-        let path = env.dir.path().join("tmpfs");
+impl TestMount {
+    /// `mount -t fstype -o options source <test dir>/dir`.
+    fn new(env: &Env, dir: &str, fstype: &str, options: &str, source: &Path) -> TestMount {
+        let path = env.dir.path().join(dir);
         std::fs::create_dir_all(&path).unwrap();
-        let o = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(&path)
-            .output()
-            .expect("run mount");
-        assert!(
-            o.status.success(),
-            "mount -t tmpfs: {}",
-            String::from_utf8_lossy(&o.stderr)
+        run_ok(
+            Command::new("mount")
+                .args(["-t", fstype, "-o", options])
+                .arg(source)
+                .arg(&path),
+            &format!("mount -t {fstype} -o {options}"),
         );
-        Tmpfs { path }
+        TestMount { path }
+    }
+
+    /// A tmpfs of `size`.
+    fn tmpfs(env: &Env, size: &str) -> TestMount {
+        let opts = format!("size={size},mode=0700");
+        TestMount::new(env, "tmpfs", "tmpfs", &opts, Path::new("tmpfs"))
+    }
+
+    /// A loop-mounted ext2 filesystem of `size_mib` MiB (ext2 cannot reserve space:
+    /// fallocate without PUNCH_HOLE fails with EOPNOTSUPP).
+    fn ext2(env: &Env, size_mib: u64) -> TestMount {
+        let image = env.dir.path().join("ext2.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .unwrap();
+        run_ok(
+            Command::new("mkfs.ext2").args(["-q", "-F"]).arg(&image),
+            "mkfs.ext2 (e2fsprogs)",
+        );
+        TestMount::new(env, "ext2", "ext2", "loop", &image)
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for TestMount {
     fn drop(&mut self) {
         let ok = Command::new("umount")
             .arg(&self.path)
@@ -66,11 +89,11 @@ impl Drop for Tmpfs {
 }
 
 /// An env whose backing directory lives on a fresh tmpfs of `size` (keystore, logs and
-/// mountpoint stay outside it). Declare the returned Tmpfs before any mount guard, so the
+/// mountpoint stay outside it). Declare the returned TestMount before any mount guard, so the
 /// FUSE mount goes first.
-fn env_on_tmpfs(test: &str, size: &str) -> Option<(Env, Tmpfs)> {
+fn env_on_tmpfs(test: &str, size: &str) -> Option<(Env, TestMount)> {
     let mut env = Env::new(test)?;
-    let t = Tmpfs::new(&env, size);
+    let t = TestMount::tmpfs(&env, size);
     env.backing = t.path.join("backing");
     env.init_volume();
     Some((env, t))
@@ -338,57 +361,6 @@ fn fallocate_reserves_backing_space() {
     m.unmount();
 }
 
-/// A loop-mounted ext2 filesystem in the test's directory (ext2 cannot reserve space:
-/// fallocate without PUNCH_HOLE fails with EOPNOTSUPP); unmounted on drop.
-struct Ext2 {
-    path: PathBuf,
-}
-
-impl Ext2 {
-    fn new(env: &Env, size_mib: u64) -> Ext2 {
-        let image = env.dir.path().join("ext2.img");
-        File::create(&image)
-            .and_then(|f| f.set_len(size_mib << 20))
-            .unwrap();
-        let o = Command::new("mkfs.ext2")
-            .args(["-q", "-F"])
-            .arg(&image)
-            .output()
-            .expect("run mkfs.ext2 (e2fsprogs)");
-        assert!(
-            o.status.success(),
-            "mkfs.ext2: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let path = env.dir.path().join("ext2");
-        std::fs::create_dir_all(&path).unwrap();
-        let o = Command::new("mount")
-            .args(["-t", "ext2", "-o", "loop"])
-            .arg(&image)
-            .arg(&path)
-            .output()
-            .expect("run mount");
-        assert!(
-            o.status.success(),
-            "mount -o loop (ext2): {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ext2 { path }
-    }
-}
-
-impl Drop for Ext2 {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
-
 /// On a backing filesystem that cannot reserve space (ext2), fallocate mode 0 and
 /// KEEP_SIZE fail with EOPNOTSUPP and change nothing; posix_fallocate then falls back to
 /// writing the range (glibc), which works; a zero range still zeroes.
@@ -397,7 +369,7 @@ fn fallocate_on_a_backing_fs_without_reservations() {
     let Some(mut env) = Env::new("fallocate_on_a_backing_fs_without_reservations") else {
         return;
     };
-    let ext2 = Ext2::new(&env, 32);
+    let ext2 = TestMount::ext2(&env, 32);
     env.backing = ext2.path.join("backing");
     env.init_volume();
     let m = env.mount();
