@@ -57,7 +57,8 @@ fn errno(e: &io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-/// An open regular file.
+/// An open regular file (cheap to clone: two `Arc`s).
+#[derive(Clone)]
 struct OpenFile {
     node: Arc<Node>,
     file: Arc<File>,
@@ -478,7 +479,7 @@ impl KekFs {
     /// The open file a request names: handle `fh`, or in no-open mode (handle 0) inode
     /// `ino` through its shared content descriptor. The kernel checks the access mode of
     /// the caller's descriptor before it sends a read or write.
-    fn file(&self, fh: FileHandle, ino: INodeNo) -> Res<Arc<OpenFile>> {
+    fn file(&self, fh: FileHandle, ino: INodeNo) -> Res<OpenFile> {
         if fh.0 == 0 && self.no_open {
             let node = self.node(ino)?;
             if node.kind != FileType::RegularFile {
@@ -494,13 +495,16 @@ impl KekFs {
                     r => r,
                 }
             })?;
-            return Ok(Arc::new(OpenFile {
+            return Ok(OpenFile {
                 node,
                 file,
                 writable: !self.read_only,
-            }));
+            });
         }
-        lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
+        lock(&self.files)
+            .get(&fh.0)
+            .map(|h| OpenFile::clone(h))
+            .ok_or(Errno::EBADF)
     }
 
     fn check_writable(&self) -> Res<()> {
