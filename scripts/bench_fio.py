@@ -315,10 +315,17 @@ def main():
             all_jobs = [j for j in all_jobs if j["name"] in wanted]
         results = {}  # job -> target -> [values]
         units = {}
+        # Repetitions are interleaved: each round runs every target once, in an order
+        # rotated from round to round, so a noisy spell of this shared machine lands on
+        # all targets alike instead of on whichever one was running through it.
         for job in all_jobs:
-            for t in targets:
-                vals = []
-                for rep in range(a.reps):
+            vals = {t.name: [] for t in targets}
+            failed = set()
+            for rep in range(a.reps):
+                k = rep % len(targets)
+                for t in targets[k:] + targets[:k]:
+                    if t.name in failed:
+                        continue
                     d = t.setup()
                     try:
                         if job["name"] == "small-files-4k":
@@ -330,11 +337,14 @@ def main():
                     finally:
                         t.teardown()
                     if v is None:
-                        break
-                    vals.append(v[0])
+                        failed.add(t.name)
+                        continue
+                    vals[t.name].append(v[0])
                     units[job["name"]] = v[1]
-                results.setdefault(job["name"], {})[t.name] = vals
-                shown = f"{statistics.median(vals):10.0f}" if vals else "   n/a"
+            for t in targets:
+                results.setdefault(job["name"], {})[t.name] = vals[t.name]
+                shown = (f"{statistics.median(vals[t.name]):10.0f}" if vals[t.name]
+                         else "   n/a")
                 print(f"{job['name']:26s} {t.name:10s} {shown} {units.get(job['name'], '')}",
                       flush=True)
         report = {
