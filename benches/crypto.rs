@@ -88,6 +88,11 @@ fn main() {
         black_box(names.encrypt(&[4u8; 16], black_box(name)));
     });
     println!("name encrypt (AES-SIV, 23 B):   {ne:>8.0} names/s");
+    let ct = names.encrypt(&[4u8; 16], name);
+    let nd = median_rate(7, 50_000, || {
+        black_box(names.decrypt(&[4u8; 16], black_box(&ct)));
+    });
+    println!("name decrypt (AES-SIV, 23 B):   {nd:>8.0} names/s");
 
     let hdr = kekfs::format::file_header::FileHeader::new_random().to_bytes();
     let hp = median_rate(7, 1_000_000, || {
