@@ -99,6 +99,33 @@ fn env_on_tmpfs(test: &str, size: &str) -> Option<(Env, TestMount)> {
     Some((env, t))
 }
 
+/// Free bytes of the mounted volume (what its backing filesystem reports).
+fn free_bytes(m: &Mounted) -> u64 {
+    let cp = CString::new(m.mnt.as_os_str().as_bytes()).unwrap();
+    // SAFETY: zeroed is valid for the plain-data statvfs struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    let r = unsafe { libc::statvfs(cp.as_ptr(), &mut st) };
+    assert_eq!(r, 0, "statvfs: {}", io::Error::last_os_error());
+    st.f_bavail * st.f_frsize
+}
+
+/// Wait until at least `want` bytes are free. A deleted file's space comes back when
+/// the kernel forgets its inode (kekfs keeps the inode open until then, so that its
+/// number cannot be reused); the kernel sends that forget on its own, after the unlink.
+#[track_caller]
+fn wait_for_free(m: &Mounted, want: u64) {
+    let start = std::time::Instant::now();
+    while free_bytes(m) < want {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the space of deleted files did not come back: {} bytes free, {want} wanted",
+            free_bytes(m)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn daemon_alive(m: &Mounted) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(m.pid(), 0) == 0 }
@@ -246,6 +273,7 @@ fn full_backing_store_enospc_then_recovers() {
         let _ = std::fs::remove_file(m.p("new-when-full"));
         let _ = std::fs::remove_dir(m.p("dir-when-full"));
         let after = pattern(77, 1 << 20);
+        wait_for_free(&m, 2 * after.len() as u64);
         let mut f = File::create(m.p("after")).unwrap();
         f.write_all(&after).unwrap();
         f.sync_all().unwrap();
