@@ -667,9 +667,7 @@ fn serve(
         backing: backing.to_path_buf(),
         mountpoint: mountpoint.to_path_buf(),
         key_state: status::state_json(&gate),
-        key_version: volume::read_header(backing)
-            .map(|(h, _)| h.slots[0].key_version)
-            .unwrap_or(0),
+        key_version: slot0.unwrap_or(0),
         last_ok_poll: Some(crate::time::unix_now()),
         poll_ms: timing.poll.as_millis() as u64,
         grace_ms: timing.grace.as_millis() as u64,
