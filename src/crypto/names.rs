@@ -40,10 +40,33 @@ impl SivCipher {
 
     /// Decrypt; `None` if the ciphertext does not authenticate under `context`.
     pub fn decrypt(&self, context: &[u8], ciphertext: &[u8]) -> Option<Vec<u8>> {
+        self.batch().decrypt(context, ciphertext)
+    }
+
+    /// The cipher with its key schedules expanded once, for decrypting many names in a
+    /// row (a directory listing): 0.39 instead of 0.60 µs per name here.
+    pub fn batch(&self) -> SivBatch {
+        SivBatch(self.siv())
+    }
+}
+
+/// An expanded SIV cipher (see `SivCipher::batch`); aes-siv wipes its key on drop and
+/// the AES and CMAC key schedules are wiped by their `zeroize` features.
+pub struct SivBatch(Aes256Siv);
+
+impl std::fmt::Debug for SivBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SivBatch(<redacted>)")
+    }
+}
+
+impl SivBatch {
+    /// Decrypt; `None` if the ciphertext does not authenticate under `context`.
+    pub fn decrypt(&mut self, context: &[u8], ciphertext: &[u8]) -> Option<Vec<u8>> {
         if ciphertext.len() < SIV_OVERHEAD {
             return None;
         }
-        self.siv().decrypt([context], ciphertext).ok()
+        self.0.decrypt([context], ciphertext).ok()
     }
 }
 
@@ -64,6 +87,14 @@ mod tests {
         bad[3] ^= 1;
         assert!(c.decrypt(b"dir1", &bad).is_none());
         assert!(c.decrypt(b"dir1", &a[..10]).is_none());
+        // One expanded cipher over many names, good and bad, gives the same answers.
+        let mut batch = c.batch();
+        for _ in 0..3 {
+            assert_eq!(batch.decrypt(b"dir1", &a).unwrap(), b"name");
+            assert!(batch.decrypt(b"dir2", &a).is_none());
+            assert!(batch.decrypt(b"dir1", &bad).is_none());
+            assert!(batch.decrypt(b"dir1", &a[..10]).is_none());
+        }
     }
 
     /// Names already on disk must decrypt after any crate upgrade: this ciphertext was

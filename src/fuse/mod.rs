@@ -10,7 +10,7 @@ use crate::format::offsets::{MAX_FILE_SIZE, plaintext_size};
 use crate::format::{DIRID_FILE, FormatError, parse_dirid};
 use crate::monitor::Gate;
 use crate::volume::content::{self, ContentError};
-use crate::volume::{FileCipher, Volume};
+use crate::volume::{FileCipher, NameDecryptor, Volume};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -593,8 +593,9 @@ impl KekFs {
         let id = self.dir_id(dir)?;
         let list = sys::list_dir(dir.raw()).map_err(|e| errno(&e))?;
         let mut out = Vec::with_capacity(list.len());
+        let mut dec = vol.name_decryptor();
         for (bname, bino, dtype) in list {
-            if let Some(e) = self.dir_entry(dir, &vol, &id, bname, bino, dtype)? {
+            if let Some(e) = self.dir_entry(dir, &mut dec, &id, bname, bino, dtype)? {
                 out.push(e);
             }
         }
@@ -606,7 +607,7 @@ impl KekFs {
     fn dir_entry(
         &self,
         dir: &Node,
-        vol: &Volume,
+        dec: &mut NameDecryptor,
         id: &[u8; 16],
         bname: Vec<u8>,
         bino: u64,
@@ -640,7 +641,7 @@ impl KekFs {
             }
             Found::Internal => return Ok(None),
         };
-        let Some(name) = vol.decrypt_name(id, &ct) else {
+        let Some(name) = dec.decrypt(id, &ct) else {
             warn!(
                 "{}: entry {:?} does not decrypt in this directory; skipped",
                 self.backing_path(dir),

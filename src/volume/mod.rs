@@ -4,7 +4,7 @@
 pub mod content;
 
 use crate::crypto::aead::Cipher;
-use crate::crypto::names::SivCipher;
+use crate::crypto::names::{SivBatch, SivCipher};
 use crate::crypto::{Key32, kdf};
 use crate::format::file_header::FileHeader;
 use crate::format::names::{self, BackingName, MAX_PLAIN_NAME};
@@ -326,14 +326,13 @@ impl Volume {
     /// Decrypt a name ciphertext found in directory `dir_id`; `None` if it does not
     /// authenticate there (foreign, tampered or moved from another directory).
     pub fn decrypt_name(&self, dir_id: &[u8; DIRID_LEN], ct: &[u8]) -> Option<Vec<u8>> {
-        let n = self.names.decrypt(dir_id, ct)?;
-        let valid = !n.is_empty()
-            && n.len() <= MAX_PLAIN_NAME
-            && !n.contains(&b'/')
-            && !n.contains(&0)
-            && n != b"."
-            && n != b"..";
-        valid.then_some(n)
+        self.name_decryptor().decrypt(dir_id, ct)
+    }
+
+    /// A decryptor for many names in a row (a directory listing), with the name
+    /// cipher expanded once.
+    pub fn name_decryptor(&self) -> NameDecryptor {
+        NameDecryptor(self.names.batch())
     }
 
     /// Encrypt a symlink target into the string stored as the backing symlink's target.
@@ -370,5 +369,23 @@ impl Volume {
     /// Open an xattr value.
     pub fn open_xattr_value(&self, name: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
         self.xattr_values.open(name, sealed).ok()
+    }
+}
+
+/// Decrypts the names of one listing (see `Volume::name_decryptor`).
+#[derive(Debug)]
+pub struct NameDecryptor(SivBatch);
+
+impl NameDecryptor {
+    /// As `Volume::decrypt_name`.
+    pub fn decrypt(&mut self, dir_id: &[u8; DIRID_LEN], ct: &[u8]) -> Option<Vec<u8>> {
+        let n = self.0.decrypt(dir_id, ct)?;
+        let valid = !n.is_empty()
+            && n.len() <= MAX_PLAIN_NAME
+            && !n.contains(&b'/')
+            && !n.contains(&0)
+            && n != b"."
+            && n != b"..";
+        valid.then_some(n)
     }
 }
