@@ -93,6 +93,11 @@ fn main() {
         black_box(names.decrypt(&[4u8; 16], black_box(&ct)));
     });
     println!("name decrypt (AES-SIV, 23 B):   {nd:>8.0} names/s");
+    let mut batch = names.batch();
+    let nb = median_rate(7, 50_000, || {
+        black_box(batch.decrypt(&[4u8; 16], black_box(&ct)));
+    });
+    println!("name decrypt, one batch:        {nb:>8.0} names/s");
 
     let hdr = kekfs::format::file_header::FileHeader::new_random().to_bytes();
     let hp = median_rate(7, 1_000_000, || {
