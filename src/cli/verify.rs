@@ -461,6 +461,7 @@ impl<'a> Walker<'a> {
             }
         };
         entries.sort_by_key(|e| e.file_name());
+        let mut dec = self.vol.name_decryptor();
         for e in entries {
             let name = e.file_name();
             let bname = name.as_bytes();
@@ -502,7 +503,7 @@ impl<'a> Walker<'a> {
                     continue;
                 }
             };
-            let Some(pname) = self.vol.decrypt_name(&id, &ct) else {
+            let Some(pname) = dec.decrypt(&id, &ct) else {
                 self.r.find(
                     "name",
                     &format!("{plain}/?"),
