@@ -101,12 +101,7 @@ fn env_on_tmpfs(test: &str, size: &str) -> Option<(Env, TestMount)> {
 
 /// Free bytes of the mounted volume (what its backing filesystem reports).
 fn free_bytes(m: &Mounted) -> u64 {
-    let cp = CString::new(m.mnt.as_os_str().as_bytes()).unwrap();
-    // SAFETY: zeroed is valid for the plain-data statvfs struct.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    let r = unsafe { libc::statvfs(cp.as_ptr(), &mut st) };
-    assert_eq!(r, 0, "statvfs: {}", io::Error::last_os_error());
+    let st = statvfs(&m.mnt).unwrap_or_else(|e| panic!("statvfs: {e}"));
     st.f_bavail * st.f_frsize
 }
 
@@ -115,15 +110,11 @@ fn free_bytes(m: &Mounted) -> u64 {
 /// number cannot be reused); the kernel sends that forget on its own, after the unlink.
 #[track_caller]
 fn wait_for_free(m: &Mounted, want: u64) {
-    let start = std::time::Instant::now();
-    while free_bytes(m) < want {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "the space of deleted files did not come back: {} bytes free, {want} wanted",
-            free_bytes(m)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    assert!(
+        wait_for(std::time::Duration::from_secs(10), || free_bytes(m) >= want),
+        "the space of deleted files did not come back: {} bytes free, {want} wanted",
+        free_bytes(m)
+    );
 }
 
 fn daemon_alive(m: &Mounted) -> bool {
@@ -299,15 +290,6 @@ fn full_backing_store_enospc_then_recovers() {
         "{}",
         env.daemon_log()
     );
-}
-
-fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate takes no pointers; the descriptor is open.
-    match unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) } {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
-    }
 }
 
 /// fallocate reserves real backing space: a request larger than the free space fails with

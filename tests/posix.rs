@@ -142,16 +142,6 @@ fn renameat2(old: &Path, new: &Path, flags: u32) -> io::Result<()> {
     }
 }
 
-fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid descriptor.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn listxattr(p: &Path) -> io::Result<Vec<String>> {
     let cp = c(p);
     // SAFETY: size query with a null buffer.
@@ -1270,16 +1260,7 @@ fn statvfs_reports_name_max() {
         return;
     };
     let m = env.mount();
-    let cp = c(&m.mnt);
-    // SAFETY: zeroed is valid for the plain-data statvfs struct.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    assert_eq!(
-        unsafe { libc::statvfs(cp.as_ptr(), &mut st) },
-        0,
-        "statvfs: {}",
-        last_errno()
-    );
+    let st = statvfs(&m.mnt).unwrap_or_else(|e| panic!("statvfs: {e}"));
     assert_eq!(st.f_namemax, 255);
     assert!(st.f_bsize > 0);
     assert!(st.f_blocks > 0);

@@ -420,6 +420,28 @@ pub fn wrapped_by_versions(status: &serde_json::Value) -> Vec<u64> {
         .collect()
 }
 
+/// fallocate(2) on an open file.
+pub fn fallocate(f: &std::fs::File, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate takes no pointers; the descriptor is open.
+    match unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// statvfs(3) of `path`.
+pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
+    let cp = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: zeroed is valid for the plain-data statvfs struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    match unsafe { libc::statvfs(cp.as_ptr(), &mut st) } {
+        0 => Ok(st),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// The errno of reading `p` whole (a fresh open), `None` when the read works.
 pub fn read_errno(p: &Path) -> Option<i32> {
     match std::fs::read(p) {
