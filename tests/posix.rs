@@ -2337,3 +2337,207 @@ fn entries_known_only_from_a_listing_work_for_every_operation() {
 
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------------------
+// Listings read ahead
+// ---------------------------------------------------------------------------------------
+
+/// A directory stream read with libc's opendir/readdir, one entry at a time (glibc fetches
+/// entries a 32 KiB buffer at a time, so the kernel asks kekfs in chunks of ~200).
+struct DirStream(*mut libc::DIR);
+
+impl DirStream {
+    fn open(p: &Path) -> DirStream {
+        let cp = c(p);
+        // SAFETY: valid C string; the result is checked for NULL.
+        let d = unsafe { libc::opendir(cp.as_ptr()) };
+        assert!(
+            !d.is_null(),
+            "opendir {}: {}",
+            p.display(),
+            io::Error::last_os_error()
+        );
+        DirStream(d)
+    }
+
+    /// The next name, or `None` at the end (an error panics).
+    fn next_name(&mut self) -> Option<OsString> {
+        // SAFETY: errno is thread-local; resetting it tells the end from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: self.0 is an open DIR* until drop.
+        let e = unsafe { libc::readdir64(self.0) };
+        if e.is_null() {
+            assert_eq!(last_errno(), 0, "readdir failed");
+            return None;
+        }
+        // SAFETY: readdir64 returned a valid entry with a NUL-terminated name, which we
+        // copy before the next call on this stream.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        Some(OsString::from_vec(name.to_bytes().to_vec()))
+    }
+
+    fn tell(&mut self) -> libc::c_long {
+        // SAFETY: self.0 is an open DIR*.
+        unsafe { libc::telldir(self.0) }
+    }
+
+    fn seek(&mut self, pos: libc::c_long) {
+        // SAFETY: self.0 is an open DIR*; pos came from telldir on it.
+        unsafe { libc::seekdir(self.0, pos) }
+    }
+
+    fn rewind(&mut self) {
+        // SAFETY: self.0 is an open DIR*.
+        unsafe { libc::rewinddir(self.0) }
+    }
+
+    /// The names left, without "." and "..".
+    fn rest(&mut self) -> Vec<OsString> {
+        std::iter::from_fn(|| self.next_name())
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    }
+}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from opendir and is closed exactly once.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+fn names_of(prefix: &str, n: usize) -> Vec<OsString> {
+    let mut v: Vec<OsString> = (0..n).map(|i| format!("{prefix}{i:05}").into()).collect();
+    v.sort();
+    v
+}
+
+/// kekfs stats the next entries of a listing ahead of the kernel's requests. A file
+/// written between two requests must still be reported with its new size: attributes
+/// read before a change are never sent (the kernel would take a stale size from a
+/// listing and cut the file's cached pages to it).
+#[test]
+fn listing_never_reports_attributes_read_before_a_change() {
+    let Some(env) = setup("listing_never_reports_attributes_read_before_a_change") else {
+        return;
+    };
+    const N: usize = 1200;
+    let m = env.mount();
+    fs::create_dir(m.p("d")).unwrap();
+    for n in names_of("f", N) {
+        File::create(m.p("d").join(&n)).unwrap();
+    }
+    m.unmount();
+
+    let m = env.mount();
+    let mut d = DirStream::open(&m.p("d"));
+    let mut seen = vec![d.next_name().expect("first entry")];
+    // Let the read-ahead run past the first chunk (it would have stat'ed the next
+    // entries at size 0), then grow every file through the mount.
+    std::thread::sleep(Duration::from_millis(200));
+    for n in names_of("f", N) {
+        fs::write(m.p("d").join(&n), b"0123456789").unwrap();
+    }
+    seen.extend(std::iter::from_fn(|| d.next_name()));
+    drop(d);
+    seen.retain(|n| n != "." && n != "..");
+    seen.sort();
+    assert_eq!(seen, names_of("f", N), "the listing");
+    // Within the attribute TTL (1 s) of the listing, so what it sent is what the kernel
+    // answers with.
+    let wrong: Vec<(OsString, u64)> = names_of("f", N)
+        .into_iter()
+        .filter_map(|n| {
+            let len = fs::metadata(m.p("d").join(&n)).unwrap().len();
+            (len != 10).then_some((n, len))
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} stale sizes from the listing, first: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(8)]
+    );
+    assert_eq!(fs::read(m.p("d/f00700")).unwrap(), b"0123456789");
+    m.unmount();
+}
+
+/// A listing of a big directory that is read in steps: telldir/seekdir come back to the
+/// same entry, rewinddir starts over, and files removed and created meanwhile leave the
+/// listing whole (every untouched entry exactly once, nothing twice).
+#[test]
+fn listing_in_steps_seeks_and_survives_changes() {
+    let Some(env) = setup("listing_in_steps_seeks_and_survives_changes") else {
+        return;
+    };
+    const N: usize = 1500;
+    let m = env.mount();
+    fs::create_dir(m.p("d")).unwrap();
+    for n in names_of("k", N) {
+        fs::write(m.p("d").join(&n), b"k").unwrap();
+    }
+    m.unmount();
+
+    let m = env.mount();
+    let mut d = DirStream::open(&m.p("d"));
+    let mut first = Vec::new();
+    for _ in 0..700 {
+        first.push(d.next_name().unwrap());
+    }
+    let pos = d.tell();
+    let after: Vec<OsString> = (0..300).map(|_| d.next_name().unwrap()).collect();
+    d.seek(pos);
+    let again: Vec<OsString> = (0..300).map(|_| d.next_name().unwrap()).collect();
+    assert_eq!(again, after, "seekdir back to a telldir position");
+    // Remove every third file and add new ones while the stream is open.
+    let removed: Vec<OsString> = names_of("k", N).into_iter().step_by(3).collect();
+    for n in &removed {
+        fs::remove_file(m.p("d").join(n)).unwrap();
+    }
+    for n in names_of("new", 400) {
+        fs::write(m.p("d").join(&n), b"n").unwrap();
+    }
+    let mut all = first;
+    all.extend(after);
+    all.extend(d.rest());
+    all.retain(|n| n != "." && n != "..");
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), all.len(), "a name listed twice");
+    for n in names_of("k", N) {
+        if !removed.contains(&n) {
+            assert!(sorted.binary_search(&n).is_ok(), "{n:?} missing");
+        }
+    }
+    for n in &sorted {
+        let s = n.to_str().unwrap();
+        assert!(
+            s.starts_with('k') || s.starts_with("new"),
+            "unexpected {n:?}"
+        );
+    }
+    // From the start again: the stream still works and lists what exists.
+    d.rewind();
+    let mut fresh = d.rest();
+    fresh.sort();
+    let mut want: Vec<OsString> = names_of("k", N)
+        .into_iter()
+        .filter(|n| !removed.contains(n))
+        .chain(names_of("new", 400))
+        .collect();
+    want.sort();
+    // Entries created after the stream was opened may or may not appear (POSIX leaves
+    // it open); the untouched ones must.
+    for n in want.iter().filter(|n| n.to_str().unwrap().starts_with('k')) {
+        assert!(
+            fresh.binary_search(n).is_ok(),
+            "{n:?} missing after rewinddir"
+        );
+    }
+    drop(d);
+    let mut now = list(&m.p("d"));
+    now.sort();
+    assert_eq!(now, want, "a fresh listing");
+    m.unmount();
+}

@@ -1,16 +1,18 @@
 //! The FUSE frontend: translates kernel requests into operations on the backing tree,
 //! calling the volume for names, symlinks, xattrs and content. No cryptography here.
 
+mod dirs;
 pub mod nodes;
 mod reply;
 pub mod sys;
 
-use crate::format::names::{self, BackingName, Found};
+use crate::format::names::{self, BackingName};
 use crate::format::offsets::{MAX_FILE_SIZE, plaintext_size};
 use crate::format::{DIRID_FILE, FormatError, parse_dirid};
 use crate::monitor::Gate;
 use crate::volume::content::{self, ContentError};
-use crate::volume::{FileCipher, NameDecryptor, Volume};
+use crate::volume::{FileCipher, Volume};
+use dirs::{Lister, OpenDir, ReadAhead};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -18,7 +20,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::{error, warn};
-use nodes::{Node, NodeTable, kind_of, kind_of_dtype};
+use nodes::{Node, NodeTable, kind_of};
 use reply::SendResult;
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -65,22 +67,6 @@ struct OpenFile {
     writable: bool,
 }
 
-/// An open directory: a snapshot of its decrypted entries.
-struct OpenDir {
-    entries: Vec<DirEntry>,
-}
-
-/// One entry of a directory snapshot.
-struct DirEntry {
-    /// Plaintext name.
-    name: Vec<u8>,
-    /// Inode number (backing inode; 1 for the root).
-    ino: u64,
-    kind: FileType,
-    /// The backing entry name; empty for "." and "..".
-    backing: Vec<u8>,
-}
-
 /// Purges what the frontend and the kernel cached once keys are revoked.
 pub struct CachePurger {
     nodes: Arc<Mutex<NodeTable>>,
@@ -108,6 +94,12 @@ pub struct KekFs {
     nodes: Arc<Mutex<NodeTable>>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    /// Shared with the directory read-ahead worker; every handler that changes the
+    /// backing tree (setattr, mknod, mkdir, unlink, rmdir, symlink, rename, link, open,
+    /// write, setxattr, removexattr, create, fallocate) calls its `changed` before
+    /// replying, which voids attributes read ahead before the change.
+    lister: Arc<Lister>,
+    read_ahead: ReadAhead,
     next_fh: AtomicU64,
     root_backing_ino: u64,
     root_dev: u64,
@@ -146,7 +138,10 @@ impl KekFs {
         let st = sys::fstat(root.as_raw_fd())?;
         let mut table = NodeTable::default();
         table.insert_root(Node::new(1, root, FileType::Directory));
+        let lister = Arc::new(Lister::new(gate.clone(), st.st_ino));
         Ok(KekFs {
+            read_ahead: ReadAhead::start(lister.clone())?,
+            lister,
             gate,
             nodes: Arc::new(Mutex::new(table)),
             files: Mutex::new(HashMap::new()),
@@ -187,10 +182,7 @@ impl KekFs {
     }
 
     fn backing_path(&self, node: &Node) -> String {
-        node.fd()
-            .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())))
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| format!("inode {}", node.ino))
+        node.backing_path()
     }
 
     fn fuse_ino(&self, st: &libc::stat) -> Res<u64> {
@@ -296,9 +288,23 @@ impl KekFs {
     /// `close` per entry of a listing, most of which are never opened. Directories and
     /// inodes with several names are opened here, as their nodes keep a descriptor.
     fn lookup_entry(&self, parent: &Arc<Node>, entry: &str) -> Res<(Arc<Node>, FileAttr)> {
+        self.lookup_entry_with(parent, entry, None)
+    }
+
+    /// `lookup_entry`, with the entry's attributes given if they were just read (`stat`).
+    fn lookup_entry_with(
+        &self,
+        parent: &Arc<Node>,
+        entry: &str,
+        stat: Option<libc::stat>,
+    ) -> Res<(Arc<Node>, FileAttr)> {
         let c = sys::cstr(entry.as_bytes()).map_err(|e| errno(&e))?;
-        let mut st =
-            sys::fstatat(parent.raw(), &c, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| errno(&e))?;
+        let mut st = match stat {
+            Some(st) => st,
+            None => {
+                sys::fstatat(parent.raw(), &c, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| errno(&e))?
+            }
+        };
         let mut fd = None;
         if !Node::may_close(kind_of(st.st_mode), &st) {
             let f = sys::openat(parent.raw(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)
@@ -588,90 +594,6 @@ impl KekFs {
         Ok((node, attr))
     }
 
-    fn read_dir_entries(&self, dir: &Node) -> Res<Vec<DirEntry>> {
-        let vol = self.vol()?;
-        let id = self.dir_id(dir)?;
-        let list = sys::list_dir(dir.raw()).map_err(|e| errno(&e))?;
-        let mut out = Vec::with_capacity(list.len());
-        let mut dec = vol.name_decryptor();
-        for (bname, bino, dtype) in list {
-            if let Some(e) = self.dir_entry(dir, &mut dec, &id, bname, bino, dtype)? {
-                out.push(e);
-            }
-        }
-        Ok(out)
-    }
-
-    /// One entry of `dir`'s backing listing as a plaintext entry; `None` for kekfs's own
-    /// files and for entries that do not decrypt (logged).
-    fn dir_entry(
-        &self,
-        dir: &Node,
-        dec: &mut NameDecryptor,
-        id: &[u8; 16],
-        bname: Vec<u8>,
-        bino: u64,
-        dtype: u8,
-    ) -> Res<Option<DirEntry>> {
-        let ct = match names::classify(&bname) {
-            Found::Short(ct) => ct,
-            Found::Long => {
-                let side = [bname.as_slice(), names::LONG_SIDECAR_SUFFIX.as_bytes()].concat();
-                let read = sys::cstr(&side)
-                    .and_then(|c| sys::openat(dir.raw(), &c, libc::O_RDONLY, 0))
-                    .and_then(|fd| {
-                        use std::io::Read;
-                        let mut v = Vec::new();
-                        File::from(fd).take(4096).read_to_end(&mut v)?;
-                        Ok(v)
-                    });
-                match read
-                    .ok()
-                    .and_then(|s| names::decode_long(&String::from_utf8_lossy(&bname), &s))
-                {
-                    Some(ct) => ct,
-                    None => {
-                        warn!(
-                            "{}: long-name entry with a missing or bad sidecar skipped",
-                            self.backing_path(dir)
-                        );
-                        return Ok(None);
-                    }
-                }
-            }
-            Found::Internal => return Ok(None),
-        };
-        let Some(name) = dec.decrypt(id, &ct) else {
-            warn!(
-                "{}: entry {:?} does not decrypt in this directory; skipped",
-                self.backing_path(dir),
-                String::from_utf8_lossy(&bname)
-            );
-            return Ok(None);
-        };
-        let ino = if bino == self.root_backing_ino {
-            1
-        } else {
-            bino
-        };
-        let kind = match kind_of_dtype(dtype) {
-            Some(k) => k,
-            None => {
-                let c = sys::cstr(&bname).map_err(|e| errno(&e))?;
-                match sys::fstatat(dir.raw(), &c, libc::AT_SYMLINK_NOFOLLOW) {
-                    Ok(st) => kind_of(st.st_mode),
-                    Err(_) => return Ok(None),
-                }
-            }
-        };
-        Ok(Some(DirEntry {
-            name,
-            ino,
-            kind,
-            backing: bname,
-        }))
-    }
-
     /// The `/proc/self/fd` path for the node's xattrs, with the descriptor it names
     /// (keep it while the path is used).
     fn xattr_path(&self, node: &Node) -> Res<(std::ffi::CString, Arc<OwnedFd>)> {
@@ -942,6 +864,7 @@ impl fuser::Filesystem for KekFs {
             }
             self.stat_node(&node)
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -987,6 +910,7 @@ impl fuser::Filesystem for KekFs {
                 sys::mknodat(p.raw(), c, mode, rdev as u64).map_err(|e| errno(&e))
             }
         });
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1028,6 +952,7 @@ impl fuser::Filesystem for KekFs {
             }
             Ok(())
         });
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1042,6 +967,7 @@ impl fuser::Filesystem for KekFs {
             self.remove_sidecar(&p, &bn);
             Ok(())
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1074,6 +1000,7 @@ impl fuser::Filesystem for KekFs {
             self.remove_sidecar(&p, &bn);
             Ok(())
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1093,6 +1020,7 @@ impl fuser::Filesystem for KekFs {
             let t = sys::cstr(enc.as_bytes()).map_err(|e| errno(&e))?;
             sys::symlinkat(&t, p.raw(), c).map_err(|e| errno(&e))
         });
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1106,7 +1034,9 @@ impl fuser::Filesystem for KekFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.send(self.do_rename(parent, name, newparent, newname, flags));
+        let r = self.do_rename(parent, name, newparent, newname, flags);
+        self.lister.changed();
+        reply.send(r);
     }
 
     fn link(
@@ -1138,6 +1068,7 @@ impl fuser::Filesystem for KekFs {
             }
             self.lookup_entry(&p, bn.entry())
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1173,6 +1104,7 @@ impl fuser::Filesystem for KekFs {
             );
             Ok(fh)
         })();
+        self.lister.changed();
         reply.send(r.map(|fh| (fh, FILE_OPEN_FLAGS)));
     }
 
@@ -1240,6 +1172,7 @@ impl fuser::Filesystem for KekFs {
             let c = self.cipher(&h.node, &h.file, true)?.ok_or(Errno::EIO)?;
             content::write(&h.file, &c, offset, data).map_err(|e| self.content_err(&h.node, e))
         })();
+        self.lister.changed();
         reply.send(r.map(|()| data.len() as u32));
     }
 
@@ -1297,20 +1230,21 @@ impl fuser::Filesystem for KekFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| {
+            self.vol()?;
             let node = self.node(ino)?;
-            let dot = |n: &[u8]| DirEntry {
-                name: n.to_vec(),
-                ino: ino.0,
-                kind: FileType::Directory,
-                backing: Vec::new(),
-            };
-            let mut entries = vec![dot(b"."), dot(b"..")];
-            entries.extend(self.read_dir_entries(&node)?);
+            let id = self.dir_id(&node)?;
+            let d = Arc::new(OpenDir::open(node, ino.0, id)?);
             let fh = self.new_fh();
-            lock(&self.dirs).insert(fh, Arc::new(OpenDir { entries }));
-            Ok(fh)
+            lock(&self.dirs).insert(fh, d.clone());
+            Ok((fh, d))
         })();
-        reply.send(r.map(|fh| (fh, FopenFlags::empty())));
+        match r {
+            Ok((fh, d)) => {
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+                self.read_ahead.kick(&d);
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn readdir(
@@ -1325,12 +1259,24 @@ impl fuser::Filesystem for KekFs {
             reply.error(Errno::EBADF);
             return;
         };
-        // A snapshot taken before a revocation holds plaintext names: serve none after.
+        // Names decrypted before a revocation are plaintext: serve none after.
         if let Err(e) = self.vol() {
             reply.error(e);
             return;
         }
-        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+        let mut cur = d.lock(&self.lister);
+        let mut i = offset as usize;
+        loop {
+            let e = match cur.get(i) {
+                Ok(Some((e, _))) => e,
+                Ok(None) => break,
+                Err(err) if i == offset as usize => {
+                    reply.error(err);
+                    return;
+                }
+                // Send what there is; the kernel asks again from this entry.
+                Err(_) => break,
+            };
             if reply.add(
                 INodeNo(e.ino),
                 (i + 1) as u64,
@@ -1339,7 +1285,9 @@ impl fuser::Filesystem for KekFs {
             ) {
                 break;
             }
+            i += 1;
         }
+        drop(cur);
         reply.ok();
     }
 
@@ -1363,7 +1311,19 @@ impl fuser::Filesystem for KekFs {
                 return;
             }
         };
-        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+        let mut cur = d.lock(&self.lister);
+        let mut i = offset as usize;
+        loop {
+            let (e, ahead) = match cur.get(i) {
+                Ok(Some(got)) => got,
+                Ok(None) => break,
+                Err(err) if i == offset as usize => {
+                    reply.error(err);
+                    return;
+                }
+                Err(_) => break,
+            };
+            i += 1;
             // Entries other than "." and ".." are looked up (the kernel counts a
             // reference for each one it receives), saving a LOOKUP round trip each.
             let (attr, counted) = if e.backing.is_empty() {
@@ -1375,25 +1335,27 @@ impl fuser::Filesystem for KekFs {
                 let Ok(b) = std::str::from_utf8(&e.backing) else {
                     continue;
                 };
-                match self.lookup_entry(&dir, b) {
+                match self.lookup_entry_with(&dir, b, ahead) {
                     Ok((_, a)) => (a, true),
                     // Out of descriptors: report it rather than silently leave
                     // entries out.
                     Err(err @ (Errno::EMFILE | Errno::ENFILE)) => {
-                        if i == offset as usize {
+                        if i - 1 == offset as usize {
                             reply.error(err);
                             return;
                         }
                         // Send what there is; the kernel asks again from this entry.
+                        i -= 1;
                         break;
                     }
-                    // Removed since the snapshot, or not servable (logged): skip it.
+                    // Removed since the listing was read, or not servable (logged):
+                    // skip it.
                     Err(_) => continue,
                 }
             };
             if reply.add(
                 attr.ino,
-                (i + 1) as u64,
+                i as u64,
                 OsStr::from_bytes(&e.name),
                 &TTL,
                 &attr,
@@ -1402,10 +1364,14 @@ impl fuser::Filesystem for KekFs {
                 if counted {
                     lock(&self.nodes).forget(attr.ino.0, 1);
                 }
+                i -= 1;
                 break;
             }
         }
+        cur.served(i);
+        drop(cur);
         reply.ok();
+        self.read_ahead.kick(&d);
     }
 
     fn releasedir(
@@ -1471,6 +1437,7 @@ impl fuser::Filesystem for KekFs {
             let c = sys::cstr(bname.as_bytes()).map_err(|e| errno(&e))?;
             sys::setxattr(&path, &c, &sealed, flags).map_err(|e| errno(&e))
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1533,6 +1500,7 @@ impl fuser::Filesystem for KekFs {
                 .map_err(|e| errno(&e))?;
             sys::removexattr(&path, &c).map_err(|e| errno(&e))
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1591,6 +1559,7 @@ impl fuser::Filesystem for KekFs {
             );
             Ok((fh, attr))
         })();
+        self.lister.changed();
         reply.send(r);
     }
 
@@ -1656,6 +1625,7 @@ impl fuser::Filesystem for KekFs {
             }
             Ok(())
         })();
+        self.lister.changed();
         reply.send(r);
     }
 }

@@ -244,6 +244,15 @@ impl Node {
         }
     }
 
+    /// The node's backing path, for messages (read from /proc; the inode number if that
+    /// fails).
+    pub fn backing_path(&self) -> String {
+        self.fd()
+            .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| format!("inode {}", self.ino))
+    }
+
     /// The raw descriptor of a directory node (directories never close theirs). For any
     /// other node use `fd()`, which keeps the descriptor alive while it is used; here a
     /// non-directory yields -1, so a mistaken use fails with EBADF.

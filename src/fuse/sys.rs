@@ -283,38 +283,95 @@ pub fn removexattr(path: &CStr, name: &CStr) -> io::Result<()> {
 
 /// The entries of a directory (names only, without "." and ".."), via its descriptor.
 pub fn list_dir(dir: RawFd) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
-    let fd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let raw = fd.as_raw_fd();
-    // SAFETY: fdopendir takes ownership of `raw` on success; we forget `fd` only then.
-    let dirp = unsafe { libc::fdopendir(raw) };
-    if dirp.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    std::mem::forget(fd);
+    let mut r = DirReader::open(dir)?;
     let mut out = Vec::new();
-    loop {
-        // SAFETY: dirp is a valid DIR* until closedir below.
-        let ent = unsafe { libc::readdir64(dirp) };
-        if ent.is_null() {
-            break;
-        }
-        // SAFETY: readdir64 returned a valid entry whose d_name is NUL-terminated.
-        let (name, ino, ty) = unsafe {
-            let e = &*ent;
-            (
-                CStr::from_ptr(e.d_name.as_ptr()).to_bytes().to_vec(),
-                e.d_ino,
-                e.d_type,
-            )
-        };
-        if name == b"." || name == b".." {
-            continue;
-        }
-        out.push((name, ino, ty));
+    while let Some(e) = r.next_entry()? {
+        out.push(e);
     }
-    // SAFETY: dirp came from fdopendir and is closed exactly once.
-    unsafe { libc::closedir(dirp) };
     Ok(out)
+}
+
+/// Reads a directory's entries a buffer at a time (`getdents64`), so a caller can stop
+/// part-way and go on later; "." and ".." are left out.
+pub struct DirReader {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    /// Next record in `buf`, and the end of the records the last `getdents64` returned.
+    pos: usize,
+    len: usize,
+    done: bool,
+}
+
+/// Layout of `struct linux_dirent64`: d_ino (u64), d_off (i64), d_reclen (u16),
+/// d_type (u8), then the NUL-terminated name.
+const DIRENT_RECLEN: usize = 16;
+const DIRENT_TYPE: usize = 18;
+const DIRENT_NAME: usize = 19;
+
+impl DirReader {
+    /// Open directory `dir` (any descriptor of it, O_PATH included) for reading.
+    pub fn open(dir: RawFd) -> io::Result<DirReader> {
+        let fd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        Ok(DirReader {
+            fd,
+            buf: vec![0; 32 * 1024],
+            pos: 0,
+            len: 0,
+            done: false,
+        })
+    }
+
+    /// The next entry as (name, inode number, d_type), or `None` at the end.
+    pub fn next_entry(&mut self) -> io::Result<Option<(Vec<u8>, u64, u8)>> {
+        loop {
+            if self.pos >= self.len {
+                if self.done {
+                    return Ok(None);
+                }
+                // SAFETY: the buffer is valid for writes of its full length, and the
+                // descriptor is an open directory owned by self.
+                let n = unsafe {
+                    libc::syscall(
+                        libc::SYS_getdents64,
+                        self.fd.as_raw_fd(),
+                        self.buf.as_mut_ptr(),
+                        self.buf.len(),
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                self.pos = 0;
+                self.len = (n as usize).min(self.buf.len());
+                if self.len == 0 {
+                    self.done = true;
+                    return Ok(None);
+                }
+            }
+            let rec = &self.buf[self.pos..self.len];
+            // The kernel writes whole records; check anyway rather than trust the lengths.
+            let reclen = match rec.get(DIRENT_RECLEN..DIRENT_RECLEN + 2) {
+                Some(b) => u16::from_ne_bytes([b[0], b[1]]) as usize,
+                None => 0,
+            };
+            if reclen <= DIRENT_NAME || reclen > rec.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "malformed getdents64 record",
+                ));
+            }
+            self.pos += reclen;
+            let rec = &rec[..reclen];
+            let ino = u64::from_ne_bytes(rec[..8].try_into().expect("8 bytes"));
+            let ty = rec[DIRENT_TYPE];
+            let name = &rec[DIRENT_NAME..];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if name == b"." || name == b".." {
+                continue;
+            }
+            return Ok(Some((name.to_vec(), ino, ty)));
+        }
+    }
 }
 
 /// Set the process umask (the daemon runs with 0 so requested modes land exactly).
