@@ -317,8 +317,12 @@ fn decode(
 /// The worker that reads directories ahead (one thread per mount; it ends when the
 /// filesystem is dropped).
 pub struct ReadAhead {
-    tx: Sender<Weak<OpenDir>>,
+    tx: Sender<Job>,
 }
+
+/// A directory to read ahead in, and the CPU of the request that asked (where the
+/// caller, whose kernel work the read-ahead is to overlap, is running).
+type Job = (Weak<OpenDir>, Option<usize>);
 
 impl ReadAhead {
     pub fn start(lister: Arc<Lister>) -> std::io::Result<ReadAhead> {
@@ -329,15 +333,29 @@ impl ReadAhead {
         Ok(ReadAhead { tx })
     }
 
-    /// Have the worker read ahead in `dir` (after a reply has gone out).
+    /// Have the worker read ahead in `dir` (right after answering a request on it).
     pub fn kick(&self, dir: &Arc<OpenDir>) {
         // A closed channel means the worker died; listings still work without it.
-        let _ = self.tx.send(Arc::downgrade(dir));
+        let _ = self.tx.send((Arc::downgrade(dir), sys::current_cpu()));
     }
 }
 
-fn run(lister: &Lister, rx: Receiver<Weak<OpenDir>>) {
-    for d in rx {
+fn run(lister: &Lister, rx: Receiver<Job>) {
+    let cpus = sys::affinity().ok();
+    let mut avoiding = None;
+    for (d, cpu) in rx {
+        // Keep off the caller's CPU: there, the worker would only take turns with the
+        // caller and the request threads (and a woken worker preempts the thread that
+        // woke it), instead of running beside them.
+        if let (Some(set), Some(cpu)) = (&cpus, cpu)
+            && avoiding != Some(cpu)
+        {
+            match sys::avoid_cpu(set, cpu) {
+                Ok(true) => avoiding = Some(cpu),
+                Ok(false) => {}
+                Err(e) => log::debug!("readdir worker: cannot set affinity: {e}"),
+            }
+        }
         if let Some(d) = d.upgrade() {
             d.read_ahead(lister);
         }

@@ -374,6 +374,40 @@ impl DirReader {
     }
 }
 
+/// The CPU the calling thread runs on (a vDSO call), if the kernel tells.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments and only returns a number.
+    let c = unsafe { libc::sched_getcpu() };
+    usize::try_from(c).ok()
+}
+
+/// The CPUs the calling thread may run on.
+pub fn affinity() -> io::Result<libc::cpu_set_t> {
+    // SAFETY: all-zero is a valid (empty) cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid out-pointer of the size passed.
+    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) })?;
+    Ok(set)
+}
+
+/// Let the calling thread run on the CPUs of `set` except `cpu`; does nothing (and says
+/// so) if that would leave none.
+pub fn avoid_cpu(set: &libc::cpu_set_t, cpu: usize) -> io::Result<bool> {
+    let mut s = *set;
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Ok(false);
+    }
+    // SAFETY: cpu < CPU_SETSIZE (checked), so CPU_CLR stays inside the set.
+    unsafe { libc::CPU_CLR(cpu, &mut s) };
+    // SAFETY: CPU_COUNT only reads the set.
+    if unsafe { libc::CPU_COUNT(&s) } == 0 {
+        return Ok(false);
+    }
+    // SAFETY: `s` is a valid cpu_set_t of the size passed.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&s), &s) })?;
+    Ok(true)
+}
+
 /// Set the process umask (the daemon runs with 0 so requested modes land exactly).
 pub fn set_umask(mask: u32) {
     // SAFETY: umask cannot fail.
