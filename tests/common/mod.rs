@@ -9,9 +9,9 @@
 pub mod softhsm;
 pub mod tamper;
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -563,5 +563,78 @@ impl Rng {
     /// True `percent`% of the time.
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
+    }
+}
+
+/// A directory stream read with libc's opendir/readdir, one entry at a time (glibc fetches
+/// entries a 32 KiB buffer at a time, so the kernel asks kekfs in chunks of ~200).
+pub struct DirStream(*mut libc::DIR);
+
+impl DirStream {
+    pub fn open(p: &Path) -> DirStream {
+        let cp = c_path(p);
+        // SAFETY: valid C string; the result is checked for NULL.
+        let d = unsafe { libc::opendir(cp.as_ptr()) };
+        assert!(
+            !d.is_null(),
+            "opendir {}: {}",
+            p.display(),
+            io::Error::last_os_error()
+        );
+        DirStream(d)
+    }
+
+    /// The next name, or `None` at the end (an error panics).
+    pub fn next_name(&mut self) -> Option<OsString> {
+        self.try_next()
+            .unwrap_or_else(|e| panic!("readdir failed: {e}"))
+    }
+
+    /// The next name, `Ok(None)` at the end, or readdir's error.
+    pub fn try_next(&mut self) -> io::Result<Option<OsString>> {
+        // SAFETY: errno is thread-local; resetting it tells the end from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: self.0 is an open DIR* until drop.
+        let e = unsafe { libc::readdir64(self.0) };
+        if e.is_null() {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(0) | None => Ok(None),
+                Some(_) => Err(err),
+            };
+        }
+        // SAFETY: readdir64 returned a valid entry with a NUL-terminated name, which we
+        // copy before the next call on this stream.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        Ok(Some(OsString::from_vec(name.to_bytes().to_vec())))
+    }
+
+    pub fn tell(&mut self) -> libc::c_long {
+        // SAFETY: self.0 is an open DIR*.
+        unsafe { libc::telldir(self.0) }
+    }
+
+    pub fn seek(&mut self, pos: libc::c_long) {
+        // SAFETY: self.0 is an open DIR*; pos came from telldir on it.
+        unsafe { libc::seekdir(self.0, pos) }
+    }
+
+    pub fn rewind(&mut self) {
+        // SAFETY: self.0 is an open DIR*.
+        unsafe { libc::rewinddir(self.0) }
+    }
+
+    /// The names left, without "." and "..".
+    pub fn rest(&mut self) -> Vec<OsString> {
+        std::iter::from_fn(|| self.next_name())
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    }
+}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from opendir and is closed exactly once.
+        unsafe { libc::closedir(self.0) };
     }
 }
