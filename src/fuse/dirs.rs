@@ -327,9 +327,8 @@ type Job = (Weak<OpenDir>, Option<usize>);
 impl ReadAhead {
     pub fn start(lister: Arc<Lister>) -> std::io::Result<ReadAhead> {
         let (tx, rx) = channel();
-        std::thread::Builder::new()
-            .name("kekfs-readdir".into())
-            .spawn(move || run(&lister, rx))?;
+        // Made when the filesystem is, which may be before the daemon blocks signals.
+        sys::spawn_without_signals("kekfs-readdir", move || run(&lister, rx))?;
         Ok(ReadAhead { tx })
     }
 

@@ -374,6 +374,31 @@ impl DirReader {
     }
 }
 
+/// Spawn a thread that starts with every signal blocked, so that signals (SIGTERM above
+/// all) go to the threads meant to handle them whenever this one is made, even before the
+/// daemon blocks them for the whole process.
+pub fn spawn_without_signals(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    // SAFETY: all-zero is a valid sigset_t, and sigfillset initialises it fully.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pthread_sigmask fills it in.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a sigset_t.
+    unsafe { libc::sigfillset(&mut all) };
+    // SAFETY: valid pointers; this changes only the calling thread's mask, restored below.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // The new thread inherits the full mask.
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+    // SAFETY: `old` is the mask read above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned
+}
+
 /// The CPU the calling thread runs on (a vDSO call), if the kernel tells.
 pub fn current_cpu() -> Option<usize> {
     // SAFETY: sched_getcpu takes no arguments and only returns a number.
