@@ -1312,63 +1312,62 @@ impl fuser::Filesystem for KekFs {
             }
         };
         let mut cur = d.lock(&self.lister);
-        let mut i = offset as usize;
+        // The entry at index `at` goes out with cookie `at + 1`, where the kernel resumes.
+        let mut at = offset as usize;
         loop {
-            let (e, ahead) = match cur.get(i) {
+            let (e, ahead) = match cur.get(at) {
                 Ok(Some(got)) => got,
                 Ok(None) => break,
-                Err(err) if i == offset as usize => {
+                Err(err) if at == offset as usize => {
                     reply.error(err);
                     return;
                 }
                 Err(_) => break,
             };
-            i += 1;
             // Entries other than "." and ".." are looked up (the kernel counts a
             // reference for each one it receives), saving a LOOKUP round trip each.
-            let (attr, counted) = if e.backing.is_empty() {
-                match self.stat_node(&dir) {
-                    Ok(a) => (a, false),
-                    Err(_) => continue,
-                }
+            let found = if e.backing.is_empty() {
+                self.stat_node(&dir).ok().map(|a| (a, false))
             } else {
-                let Ok(b) = std::str::from_utf8(&e.backing) else {
-                    continue;
-                };
-                match self.lookup_entry_with(&dir, b, ahead) {
-                    Ok((_, a)) => (a, true),
-                    // Out of descriptors: report it rather than silently leave
-                    // entries out.
+                let looked = std::str::from_utf8(&e.backing)
+                    .map_err(|_| Errno::EIO)
+                    .and_then(|b| self.lookup_entry_with(&dir, b, ahead));
+                match looked {
+                    Ok((_, a)) => Some((a, true)),
+                    // Out of descriptors: report it rather than silently leave entries
+                    // out; after some entries, send those and the kernel asks again
+                    // from this one.
                     Err(err @ (Errno::EMFILE | Errno::ENFILE)) => {
-                        if i - 1 == offset as usize {
+                        if at == offset as usize {
                             reply.error(err);
                             return;
                         }
-                        // Send what there is; the kernel asks again from this entry.
-                        i -= 1;
                         break;
                     }
                     // Removed since the listing was read, or not servable (logged):
                     // skip it.
-                    Err(_) => continue,
+                    Err(_) => None,
                 }
             };
-            if reply.add(
-                attr.ino,
-                i as u64,
-                OsStr::from_bytes(&e.name),
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+            if let Some((attr, counted)) = found
+                && reply.add(
+                    attr.ino,
+                    (at + 1) as u64,
+                    OsStr::from_bytes(&e.name),
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                )
+            {
+                // The reply is full: this entry did not go out.
                 if counted {
                     lock(&self.nodes).forget(attr.ino.0, 1);
                 }
-                i -= 1;
                 break;
             }
+            at += 1;
         }
-        cur.served(i);
+        cur.served(at);
         drop(cur);
         reply.ok();
         self.read_ahead.kick(&d);
