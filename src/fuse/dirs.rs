@@ -95,7 +95,7 @@ struct Ahead {
 }
 
 /// An open directory: the entries read so far, in order (offsets are indexes + 1, so they
-/// stay valid for the life of the handle), and where reading goes on.
+/// stay valid until a rewind), and where reading goes on.
 pub struct OpenDir {
     dir: Arc<Node>,
     id: [u8; 16],
@@ -241,6 +241,22 @@ impl Cursor<'_> {
     /// Record that entries before `end` have been sent.
     pub fn served(&mut self, end: usize) {
         self.st.served = end;
+    }
+
+    /// A request for offset 0 after entries went out is a `rewinddir` (or a seek back
+    /// to the start): read the directory afresh, as POSIX asks, instead of replaying
+    /// what was read before.
+    pub fn restart_if_rewound(&mut self, offset: u64) -> Res<()> {
+        if offset != 0 || self.st.served == 0 {
+            return Ok(());
+        }
+        let source = sys::DirReader::open(self.dir.dir.raw()).map_err(|e| errno(&e))?;
+        let st = &mut *self.st;
+        st.entries.truncate(2); // "." and ".."
+        st.source = Some(source);
+        st.served = 0;
+        st.ahead_to = 2;
+        Ok(())
     }
 }
 

@@ -1265,6 +1265,10 @@ impl fuser::Filesystem for KekFs {
             return;
         }
         let mut cur = d.lock(&self.lister);
+        if let Err(e) = cur.restart_if_rewound(offset) {
+            reply.error(e);
+            return;
+        }
         let mut i = offset as usize;
         loop {
             let e = match cur.get(i) {
@@ -1287,6 +1291,7 @@ impl fuser::Filesystem for KekFs {
             }
             i += 1;
         }
+        cur.served(i);
         drop(cur);
         reply.ok();
     }
@@ -1312,6 +1317,10 @@ impl fuser::Filesystem for KekFs {
             }
         };
         let mut cur = d.lock(&self.lister);
+        if let Err(e) = cur.restart_if_rewound(offset) {
+            reply.error(e);
+            return;
+        }
         // The entry at index `at` goes out with cookie `at + 1`, where the kernel resumes.
         let mut at = offset as usize;
         loop {
