@@ -67,7 +67,8 @@ impl Lister {
         self.changes.load(Ordering::Acquire)
     }
 
-    fn vol(&self) -> Res<Arc<Volume>> {
+    /// The unlocked volume, or the errno of the reason there is none (revoked keys).
+    pub fn vol(&self) -> Res<Arc<Volume>> {
         self.gate
             .volume()
             .map_err(|cause| Errno::from_i32(cause.errno()))
@@ -136,15 +137,25 @@ impl OpenDir {
         })
     }
 
-    /// Exclusive access to the entries, for answering one request.
-    pub fn lock<'a>(&'a self, lister: &'a Lister) -> Cursor<'a> {
-        Cursor {
+    /// Exclusive access to the entries, for answering one request for entries from
+    /// `offset` on. A request for offset 0 after entries went out is a `rewinddir` (or a
+    /// seek back to the start): the directory is then read afresh, as POSIX asks, instead
+    /// of replaying what was read before.
+    pub fn lock<'a>(&'a self, lister: &'a Lister, offset: u64) -> Res<Cursor<'a>> {
+        let mut st = self.state.lock();
+        if offset == 0 && st.served > 0 {
+            st.source = Some(sys::DirReader::open(self.dir.raw()).map_err(|e| errno(&e))?);
+            st.entries.truncate(2); // "." and ".."
+            st.served = 0;
+            st.ahead_to = 2;
+        }
+        Ok(Cursor {
             dir: self,
             lister,
-            st: self.state.lock(),
+            st,
             now: Instant::now(),
             change: lister.change(),
-        }
+        })
     }
 
     /// Decrypt and stat entries ahead of what the kernel has been sent, up to `LOOKAHEAD`
@@ -241,22 +252,6 @@ impl Cursor<'_> {
     /// Record that entries before `end` have been sent.
     pub fn served(&mut self, end: usize) {
         self.st.served = end;
-    }
-
-    /// A request for offset 0 after entries went out is a `rewinddir` (or a seek back
-    /// to the start): read the directory afresh, as POSIX asks, instead of replaying
-    /// what was read before.
-    pub fn restart_if_rewound(&mut self, offset: u64) -> Res<()> {
-        if offset != 0 || self.st.served == 0 {
-            return Ok(());
-        }
-        let source = sys::DirReader::open(self.dir.dir.raw()).map_err(|e| errno(&e))?;
-        let st = &mut *self.st;
-        st.entries.truncate(2); // "." and ".."
-        st.source = Some(source);
-        st.served = 0;
-        st.ahead_to = 2;
-        Ok(())
     }
 }
 

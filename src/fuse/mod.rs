@@ -163,9 +163,7 @@ impl KekFs {
 
     /// The unlocked volume, or the errno of the reason there is none (revoked keys).
     fn vol(&self) -> Res<Arc<Volume>> {
-        self.gate
-            .volume()
-            .map_err(|cause| Errno::from_i32(cause.errno()))
+        self.lister.vol()
     }
 
     /// The handle the lifecycle monitor uses to purge caches after it drops the keys.
@@ -179,10 +177,6 @@ impl KekFs {
         let mut t = lock(&self.nodes);
         t.trim_if_over();
         t.get(ino.0).ok_or(Errno::ESTALE)
-    }
-
-    fn backing_path(&self, node: &Node) -> String {
-        node.backing_path()
     }
 
     fn fuse_ino(&self, st: &libc::stat) -> Res<u64> {
@@ -267,7 +261,7 @@ impl KekFs {
         match read() {
             Ok(id) => Ok(*dir.dir_id.get_or_init(|| id)),
             Err(m) => {
-                error!("{}: cannot read directory id: {m}", self.backing_path(dir));
+                error!("{}: cannot read directory id: {m}", dir.backing_path());
                 Err(Errno::EIO)
             }
         }
@@ -361,11 +355,7 @@ impl KekFs {
                 .filter(|f| sys::fstat(f.as_raw_fd()).is_ok_and(|s| s.st_ino == st.st_ino))
         };
         if let Err(e) = n.pin(fresh) {
-            log::debug!(
-                "{}: keeping inode {} open: {e}",
-                self.backing_path(dir),
-                n.ino
-            );
+            log::debug!("{}: keeping inode {} open: {e}", dir.backing_path(), n.ino);
         }
     }
 
@@ -433,7 +423,7 @@ impl KekFs {
             ContentError::Io(e) => errno(&e),
             ContentError::TooLarge => Errno::EFBIG,
             other => {
-                error!("{}: {other}", self.backing_path(node));
+                error!("{}: {other}", node.backing_path());
                 Errno::EIO
             }
         }
@@ -876,7 +866,7 @@ impl fuser::Filesystem for KekFs {
             self.vol()?.decrypt_symlink(&stored).ok_or_else(|| {
                 error!(
                     "{}: symlink target does not authenticate",
-                    self.backing_path(&node)
+                    node.backing_path()
                 );
                 Errno::EIO
             })
@@ -1264,11 +1254,13 @@ impl fuser::Filesystem for KekFs {
             reply.error(e);
             return;
         }
-        let mut cur = d.lock(&self.lister);
-        if let Err(e) = cur.restart_if_rewound(offset) {
-            reply.error(e);
-            return;
-        }
+        let mut cur = match d.lock(&self.lister, offset) {
+            Ok(c) => c,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
         let mut i = offset as usize;
         loop {
             let e = match cur.get(i) {
@@ -1316,11 +1308,13 @@ impl fuser::Filesystem for KekFs {
                 return;
             }
         };
-        let mut cur = d.lock(&self.lister);
-        if let Err(e) = cur.restart_if_rewound(offset) {
-            reply.error(e);
-            return;
-        }
+        let mut cur = match d.lock(&self.lister, offset) {
+            Ok(c) => c,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
         // The entry at index `at` goes out with cookie `at + 1`, where the kernel resumes.
         let mut at = offset as usize;
         loop {
@@ -1465,10 +1459,7 @@ impl fuser::Filesystem for KekFs {
             self.vol()?
                 .open_xattr_value(name.as_bytes(), &sealed)
                 .ok_or_else(|| {
-                    error!(
-                        "{}: xattr value does not authenticate",
-                        self.backing_path(&node)
-                    );
+                    error!("{}: xattr value does not authenticate", node.backing_path());
                     Errno::EIO
                 })
         })();
