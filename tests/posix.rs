@@ -2348,6 +2348,18 @@ fn names_of(prefix: &str, n: usize) -> Vec<OsString> {
     v
 }
 
+/// Directory "d" holding the files `names_of(prefix, n)`, each with `content`, on a fresh
+/// mount (so the kernel knows none of them yet).
+fn remounted_with_files(env: &Env, prefix: &str, n: usize, content: &[u8]) -> Mounted {
+    let m = env.mount();
+    fs::create_dir(m.p("d")).unwrap();
+    for name in names_of(prefix, n) {
+        fs::write(m.p("d").join(&name), content).unwrap();
+    }
+    m.unmount();
+    env.mount()
+}
+
 /// kekfs stats the next entries of a listing ahead of the kernel's requests. A file
 /// written between two requests must still be reported with its new size: attributes
 /// read before a change are never sent (the kernel would take a stale size from a
@@ -2358,14 +2370,7 @@ fn listing_never_reports_attributes_read_before_a_change() {
         return;
     };
     const N: usize = 1200;
-    let m = env.mount();
-    fs::create_dir(m.p("d")).unwrap();
-    for n in names_of("f", N) {
-        File::create(m.p("d").join(&n)).unwrap();
-    }
-    m.unmount();
-
-    let m = env.mount();
+    let m = remounted_with_files(&env, "f", N, b"");
     let mut d = DirStream::open(&m.p("d"));
     let mut seen = vec![d.next_name().expect("first entry")];
     // Let the read-ahead run past the first chunk (it would have stat'ed the next
@@ -2408,14 +2413,7 @@ fn listing_in_steps_seeks_and_survives_changes() {
         return;
     };
     const N: usize = 1500;
-    let m = env.mount();
-    fs::create_dir(m.p("d")).unwrap();
-    for n in names_of("k", N) {
-        fs::write(m.p("d").join(&n), b"k").unwrap();
-    }
-    m.unmount();
-
-    let m = env.mount();
+    let m = remounted_with_files(&env, "k", N, b"k");
     let mut d = DirStream::open(&m.p("d"));
     let mut first = Vec::new();
     for _ in 0..700 {
