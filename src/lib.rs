@@ -17,4 +17,5 @@ pub mod fuse;
 pub mod kek;
 pub mod monitor;
 pub mod time;
+pub mod untrusted;
 pub mod volume;

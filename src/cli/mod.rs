@@ -89,8 +89,9 @@ enum Cmd {
         /// Mount options, comma-separated: ro, allow_other, allow_root, nodev, nosuid,
         /// noexec, noatime, sync, kek=URI, passfile=FILE, keystore=DIR, log=FILE,
         /// threads=N, poll=DURATION, grace=DURATION, audit=best-effort|fail-closed,
-        /// audit_dir=DIR, audit_heartbeat=DURATION; fstab-only options (noauto, user,
-        /// _netdev, x-systemd.*) are ignored.
+        /// audit_dir=DIR, audit_heartbeat=DURATION, cache=writethrough|writeback,
+        /// uring=auto|off, spin=DURATION; fstab-only options (noauto, user, _netdev,
+        /// x-systemd.*) are ignored.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Stay in the foreground (logs to stderr).

@@ -8,13 +8,13 @@ use crate::format::LOCK_FILE;
 use crate::fuse::KekFs;
 use crate::kek::{KekUri, ProviderOptions};
 use crate::monitor::{Gate, Monitor, Stop, Timing, status};
+use crate::untrusted;
 use crate::volume::{self, Volume};
 use fuser::{Config, MountOption, SessionACL};
 use log::{error, info};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -317,13 +317,9 @@ impl VolumeLock {
     /// `LOCK_WAIT` for it, so that `umount M && kekfs mount B M` works.
     pub fn acquire(backing: &Path) -> Result<VolumeLock, CliError> {
         let path = backing.join(LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
+        // The backing directory is untrusted: no symlink (the pid is written into this
+        // file, as root), no FIFO (see `untrusted`).
+        let mut file = untrusted::open(&path, libc::O_RDWR | libc::O_CREAT, 0o600)
             .map_err(|e| CliError::failure(format!("cannot open {}: {e}", path.display())))?;
         let deadline = Instant::now() + LOCK_WAIT;
         loop {
@@ -376,7 +372,7 @@ impl VolumeLock {
 
     /// Is the lock of `backing` held by a running daemon?
     pub fn is_held(backing: &Path) -> bool {
-        let Ok(f) = File::open(backing.join(LOCK_FILE)) else {
+        let Ok(f) = untrusted::open(&backing.join(LOCK_FILE), libc::O_RDONLY, 0) else {
             return false;
         };
         // SAFETY: flock on a valid descriptor; released at once if we got it.
@@ -386,13 +382,13 @@ impl VolumeLock {
 
     /// The pid recorded in the lock file.
     pub fn holder_pid(backing: &Path) -> Option<u32> {
-        let mut who = String::new();
-        File::open(backing.join(LOCK_FILE))
-            .ok()?
-            .take(4096)
-            .read_to_string(&mut who)
-            .ok()?;
-        who.lines().next()?.trim().parse().ok()
+        let who = untrusted::read(&backing.join(LOCK_FILE), 4096).ok()?;
+        String::from_utf8_lossy(&who)
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

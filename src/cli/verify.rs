@@ -17,9 +17,9 @@ use crate::volume::content::{self, ContentError};
 use crate::volume::{self, Volume};
 use serde::Serialize;
 use std::collections::HashSet;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -431,13 +431,7 @@ impl<'a> Walker<'a> {
         self.r.content.directories += 1;
         let shown = if plain.is_empty() { "/" } else { plain };
         // Bounded read: the backing tree is untrusted (a valid id file has 16 bytes).
-        let read_id = |p: &Path| -> std::io::Result<Vec<u8>> {
-            use std::io::Read;
-            let mut b = Vec::new();
-            std::fs::File::open(p)?.take(64).read_to_end(&mut b)?;
-            Ok(b)
-        };
-        let id = match read_id(&dir.join(DIRID_FILE))
+        let id = match crate::untrusted::read(&dir.join(DIRID_FILE), 64)
             .map_err(|e| e.to_string())
             .and_then(|b| parse_dirid(&b).map_err(|e| e.0))
         {
@@ -474,12 +468,9 @@ impl<'a> Walker<'a> {
                         name.to_string_lossy(),
                         fnames::LONG_SIDECAR_SUFFIX
                     ));
-                    let mut buf = Vec::new();
-                    let read =
-                        std::fs::File::open(&side).and_then(|f| f.take(4096).read_to_end(&mut buf));
-                    match read
+                    match crate::untrusted::read(&side, 4096)
                         .ok()
-                        .and_then(|_| fnames::decode_long(&name.to_string_lossy(), &buf))
+                        .and_then(|buf| fnames::decode_long(&name.to_string_lossy(), &buf))
                     {
                         Some(ct) => ct,
                         None => {
@@ -547,11 +538,7 @@ impl<'a> Walker<'a> {
 
     fn file(&mut self, path: &Path, plain: &str) {
         self.r.content.files += 1;
-        let f = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-        {
+        let f = match crate::untrusted::open(path, libc::O_RDONLY, 0) {
             Ok(f) => f,
             Err(e) => {
                 self.r.find("io", plain, path, format!("cannot open: {e}"));

@@ -20,12 +20,11 @@ use super::nodes::{Node, kind_of, kind_of_dtype};
 use super::{Res, TTL, errno, sys};
 use crate::format::names::{self, Found};
 use crate::monitor::Gate;
+use crate::untrusted;
 use crate::volume::{NameDecryptor, Volume};
 use fuser::{Errno, FileType};
 use log::warn;
 use parking_lot::{Mutex, MutexGuard};
-use std::fs::File;
-use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Weak};
@@ -270,13 +269,7 @@ fn decode(
         Found::Short(ct) => ct,
         Found::Long => {
             let side = [bname.as_slice(), names::LONG_SIDECAR_SUFFIX.as_bytes()].concat();
-            let read = sys::cstr(&side)
-                .and_then(|c| sys::openat(dir.raw(), &c, libc::O_RDONLY, 0))
-                .and_then(|fd| {
-                    let mut v = Vec::new();
-                    File::from(fd).take(4096).read_to_end(&mut v)?;
-                    Ok(v)
-                });
+            let read = sys::cstr(&side).and_then(|c| untrusted::read_at(dir.raw(), &c, 4096));
             match read
                 .ok()
                 .and_then(|s| names::decode_long(&String::from_utf8_lossy(&bname), &s))

@@ -10,6 +10,7 @@ use crate::format::names::{self, BackingName};
 use crate::format::offsets::{MAX_FILE_SIZE, plaintext_size};
 use crate::format::{DIRID_FILE, FormatError, parse_dirid};
 use crate::monitor::Gate;
+use crate::untrusted;
 use crate::volume::content::{self, ContentError};
 use crate::volume::{FileCipher, Volume};
 use dirs::{Lister, OpenDir, ReadAhead};
@@ -243,19 +244,9 @@ impl KekFs {
             return Ok(*id);
         }
         let read = || -> Result<[u8; 16], String> {
-            let fd = sys::openat(
-                dir.raw(),
-                &sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| e.to_string())?,
-                libc::O_RDONLY,
-                0,
-            )
-            .map_err(|e| e.to_string())?;
-            let f = File::from(fd);
-            let mut buf = Vec::with_capacity(32);
-            use std::io::Read;
-            f.take(64)
-                .read_to_end(&mut buf)
-                .map_err(|e| e.to_string())?;
+            let name = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| e.to_string())?;
+            // A valid id file has 16 bytes; reading a little more shows a longer one.
+            let buf = untrusted::read_at(dir.raw(), &name, 64).map_err(|e| e.to_string())?;
             parse_dirid(&buf).map_err(|FormatError(m)| m)
         };
         match read() {
@@ -365,21 +356,22 @@ impl KekFs {
     /// daemon died in between.
     fn write_sidecar(&self, parent: &Node, bn: &BackingName) -> Res<()> {
         if let (Some(side), BackingName::Long { full, .. }) = (bn.sidecar(), bn) {
-            use std::io::{Read, Write};
+            use std::io::Write;
             let c = sys::cstr(side.as_bytes()).map_err(|e| errno(&e))?;
-            let flags = match sys::openat(parent.raw(), &c, libc::O_RDONLY, 0) {
-                Ok(fd) => {
-                    let mut have = Vec::new();
-                    let _ = File::from(fd).take(4096).read_to_end(&mut have);
-                    if have == full.as_bytes() {
-                        return Ok(());
-                    }
-                    libc::O_WRONLY | libc::O_TRUNC
-                }
-                Err(_) => libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+            // Never through a symlink or into a FIFO someone put there (see `untrusted`).
+            let bad = |e: io::Error| {
+                error!("{}: long-name sidecar {side}: {e}", parent.backing_path());
+                errno(&e)
             };
-            let fd = sys::openat(parent.raw(), &c, flags, 0o600).map_err(|e| errno(&e))?;
-            let f = File::from(fd);
+            let flags = match untrusted::read_at(parent.raw(), &c, 4096) {
+                Ok(have) if have == full.as_bytes() => return Ok(()),
+                Ok(_) => libc::O_WRONLY | libc::O_TRUNC,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC
+                }
+                Err(e) => return Err(bad(e)),
+            };
+            let f = untrusted::open_at(parent.raw(), &c, flags, 0o600).map_err(bad)?;
             (&f).write_all(full.as_bytes()).map_err(|e| errno(&e))?;
             f.sync_data().map_err(|e| errno(&e))?;
         }
@@ -628,8 +620,13 @@ impl KekFs {
                 && src_st.st_mode & libc::S_IFMT == libc::S_IFDIR
                 && dst_st.st_ino != src_st.st_ino
             {
-                let dfd = sys::openat(np.raw(), &dc, libc::O_PATH | libc::O_DIRECTORY, 0)
-                    .map_err(|e| errno(&e))?;
+                let dfd = sys::openat(
+                    np.raw(),
+                    &dc,
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )
+                .map_err(|e| errno(&e))?;
                 if !self.dir_is_empty(dfd.as_raw_fd())? {
                     return Err(Errno::ENOTEMPTY);
                 }
@@ -926,8 +923,13 @@ impl fuser::Filesystem for KekFs {
                 let _ = sys::unlinkat(p.raw(), &tc, libc::AT_REMOVEDIR);
                 errno(&e)
             };
-            let dfd =
-                sys::openat(p.raw(), &tc, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(cleanup)?;
+            let dfd = sys::openat(
+                p.raw(),
+                &tc,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(cleanup)?;
             let id: [u8; 16] = crate::crypto::random_array();
             if let Err(e) = write_dirid(dfd.as_raw_fd(), &id) {
                 let idc = sys::cstr(DIRID_FILE.as_bytes()).map_err(|e| errno(&e))?;

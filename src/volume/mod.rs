@@ -83,15 +83,12 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::
 /// Hold the header lock of `backing` (exclusive flock) until dropped.
 pub fn header_lock(backing: &Path) -> Result<std::fs::File, VolumeError> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(backing.join(HEADER_LOCK_FILE))
-        .map_err(io_err("opening the header lock"))?;
+    let f = crate::untrusted::open(
+        &backing.join(HEADER_LOCK_FILE),
+        libc::O_RDWR | libc::O_CREAT,
+        0o600,
+    )
+    .map_err(io_err("opening the header lock"))?;
     // SAFETY: flock on a valid descriptor; blocks until the other writer is done.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(VolumeError::Io(
@@ -132,13 +129,7 @@ pub fn read_header(backing: &Path) -> Result<(VolumeHeader, [u8; 32]), VolumeErr
     // Never trust the file's size: the largest valid header is about 12 KiB (a 4096-byte
     // URI and two 4096-byte blobs). Reading at most 64 KiB, an oversized file fails its
     // checksum instead of being loaded whole.
-    let read = |p: &Path| -> std::io::Result<Vec<u8>> {
-        use std::io::Read;
-        let mut b = Vec::new();
-        std::fs::File::open(p)?.take(64 << 10).read_to_end(&mut b)?;
-        Ok(b)
-    };
-    let bytes = match read(&path) {
+    let bytes = match crate::untrusted::read(&path, 64 << 10) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !backing.is_dir() {
