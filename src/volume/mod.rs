@@ -88,7 +88,9 @@ pub fn header_lock(backing: &Path) -> Result<std::fs::File, VolumeError> {
         libc::O_RDWR | libc::O_CREAT,
         0o600,
     )
-    .map_err(io_err("opening the header lock"))?;
+    .map_err(io_err(format!(
+        "opening the header lock {HEADER_LOCK_FILE}"
+    )))?;
     // SAFETY: flock on a valid descriptor; blocks until the other writer is done.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(VolumeError::Io(
