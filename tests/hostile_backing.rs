@@ -677,3 +677,114 @@ fn sidecar_symlink_rename_refused_victim_untouched() {
     assert_eio(&r, "rename onto a long name whose sidecar is a symlink");
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------------------
+// The KEK URI in kekfs.volume
+// ---------------------------------------------------------------------------------------
+
+/// Rewrite the KEK URI in the volume header at `backing` and fix its checksum, as someone
+/// without the keys can (the MAC, which they cannot forge, is checked only once the AEK is
+/// unwrapped). Layout: magic 8, version 2, flags 2, volume id 16, block size 4, pinned
+/// version 4, URI length 2 (little endian), URI, ..., MAC 32, SHA-256 of all before 32.
+fn forge_header_uri(backing: &Path, uri: &str) {
+    use sha2::{Digest, Sha256};
+    let p = backing.join("kekfs.volume");
+    let b = std::fs::read(&p).unwrap();
+    let old_len = u16::from_le_bytes([b[36], b[37]]) as usize;
+    let mut n = b[..36].to_vec();
+    n.extend_from_slice(&(uri.len() as u16).to_le_bytes());
+    n.extend_from_slice(uri.as_bytes());
+    n.extend_from_slice(&b[38 + old_len..b.len() - 32]);
+    let sum = Sha256::digest(&n);
+    n.extend_from_slice(&sum);
+    std::fs::write(&p, n).unwrap();
+}
+
+/// A volume header whose KEK URI names a PKCS#11 module planted in the backing directory
+/// (a library whose constructor would run as root on load): mount, status, rewrap and
+/// verify must refuse the module before loading it.
+#[test]
+fn header_naming_a_planted_module_is_refused_before_loading_it() {
+    let Some(env) = Env::new("header_naming_a_planted_module_is_refused_before_loading_it") else {
+        return;
+    };
+    let _tidy = Tidy(&env);
+    env.init_volume();
+    let marker = outside(&env).join("module-code-ran");
+    let src = env.dir.path().join("evil.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n__attribute__((constructor)) static void run(void) {{ \
+             FILE *f = fopen(\"{}\", \"w\"); if (f) fclose(f); }}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let module = env.backing.join("zz.so");
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&module)
+        .arg(&src)
+        .output()
+        .expect("run cc (needed to build Rust, so present)");
+    assert!(cc.status.success(), "cc: {}", stderr(&cc));
+    forge_header_uri(
+        &env.backing,
+        &format!(
+            "pkcs11:token=t;object=k?module-path={}&pin-source=env:KEKFS_TEST_PIN",
+            module.display()
+        ),
+    );
+    let b = env.backing.to_str().unwrap();
+    let (o, mounted) = mount_bounded(&env, None);
+    assert!(!mounted && !o.status.success(), "mount went ahead");
+    assert!(
+        stderr(&o).contains("zz.so") && stderr(&o).contains("PKCS#11 module"),
+        "the error names the module: {}",
+        stderr(&o)
+    );
+    for args in [
+        vec!["rewrap", b],
+        vec!["verify", b],
+        vec!["status", b, "--json"],
+    ] {
+        let _ = run_bounded(&env, &args, None);
+    }
+    assert!(
+        !marker.exists(),
+        "the planted module's code ran (it created {})",
+        marker.display()
+    );
+}
+
+/// Someone holding `kekfs.hdrlock` for good (anyone who can open it can) makes a rewrap
+/// fail after a bounded wait, naming the lock, instead of blocking it (and, online, the
+/// key monitor) forever.
+#[test]
+fn held_hdrlock_fails_rewrap_in_bounded_time() {
+    let Some(env) = Env::new("held_hdrlock_fails_rewrap_in_bounded_time") else {
+        return;
+    };
+    let _tidy = Tidy(&env);
+    env.init_volume();
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(env.backing.join("kekfs.hdrlock"))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let o = run_bounded(&env, &["rewrap", env.backing.to_str().unwrap()], None);
+    assert!(!o.status.success(), "rewrap went ahead under a held lock");
+    assert!(
+        stderr(&o).contains("kekfs.hdrlock"),
+        "the error names the lock: {}",
+        stderr(&o)
+    );
+    drop(lock);
+    env.ok(&["rewrap", env.backing.to_str().unwrap()]);
+}

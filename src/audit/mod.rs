@@ -62,6 +62,9 @@ pub fn open_audited(
         audit = audit.with_volume(id, backing);
     }
     let audit = Arc::new(audit);
+    if let (KekUri::Pkcs11(u), Some((_, backing))) = (uri, volume) {
+        crate::kek::pkcs11::check_module_apart(&crate::kek::pkcs11::resolve_module(u)?, backing)?;
+    }
     match open_provider(uri, popts) {
         Ok(p) => Ok(Audited::new(p, audit, uri.version())),
         Err(e) => {

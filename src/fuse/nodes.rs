@@ -215,7 +215,10 @@ impl Node {
             Some(libc::ENOENT) => io::Error::from_raw_os_error(libc::ESTALE),
             _ => e,
         })?;
-        if super::sys::fstat(f.as_raw_fd())?.st_ino != self.backing_ino {
+        // Another inode under the name (or the number reused by another kind of file,
+        // say a FIFO whose open would block): not this node any more.
+        let st = super::sys::fstat(f.as_raw_fd())?;
+        if st.st_ino != self.backing_ino || kind_of(st.st_mode) != self.kind {
             return Err(io::Error::from_raw_os_error(libc::ESTALE));
         }
         Ok(f)

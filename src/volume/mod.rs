@@ -80,7 +80,15 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Hold the header lock of `backing` (exclusive flock) until dropped.
+/// How long `header_lock` waits for another holder: a rewrap holds the lock for the
+/// time of one wrap and one atomic write. The file is in the untrusted backing directory,
+/// so anyone who can open it could hold the lock for good; waiting forever would stall
+/// the key monitor of a mounted volume (which rewraps when the KEK rotates), and with it
+/// the revocation checks.
+const HEADER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Hold the header lock of `backing` (exclusive flock) until dropped; fails if someone
+/// else holds it for longer than `HEADER_LOCK_WAIT`.
 pub fn header_lock(backing: &Path) -> Result<std::fs::File, VolumeError> {
     use std::os::fd::AsRawFd;
     let f = crate::untrusted::open(
@@ -91,14 +99,28 @@ pub fn header_lock(backing: &Path) -> Result<std::fs::File, VolumeError> {
     .map_err(io_err(format!(
         "opening the header lock {HEADER_LOCK_FILE}"
     )))?;
-    // SAFETY: flock on a valid descriptor; blocks until the other writer is done.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(VolumeError::Io(
-            "locking the volume header".into(),
-            std::io::Error::last_os_error(),
-        ));
+    let deadline = std::time::Instant::now() + HEADER_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a valid descriptor; does not block.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(VolumeError::Io("locking the volume header".into(), e));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(VolumeError::Io(
+                format!(
+                    "locking the volume header: {HEADER_LOCK_FILE} has been held by another \
+                     process for {} s (another rewrap still running, or someone holding it)",
+                    HEADER_LOCK_WAIT.as_secs()
+                ),
+                e,
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(f)
 }
 
 /// An unlocked volume. Holds the AEK and the keys derived from it; all are zeroized on drop.

@@ -47,7 +47,15 @@ pub const MODULE_DIRS: &[&str] = &[
 
 /// Which PKCS#11 library a URI uses: `module-path`, else `module-name` looked up in
 /// [`MODULE_DIRS`], else the first of [`DEFAULT_MODULES`] that exists.
+///
+/// The module is then checked with [`check_module_trust`]: the URI usually comes from a
+/// volume header, which is not authenticated until the key it wraps is unwrapped, so a
+/// module it names must not be one that whoever can write the backing directory put there.
 pub fn resolve_module(u: &Pkcs11Uri) -> Result<PathBuf, KekError> {
+    check_module_trust(&find_module(u)?)
+}
+
+fn find_module(u: &Pkcs11Uri) -> Result<PathBuf, KekError> {
     if let Some(p) = &u.module_path {
         let p = PathBuf::from(p);
         if !p.exists() {
@@ -60,6 +68,12 @@ pub fn resolve_module(u: &Pkcs11Uri) -> Result<PathBuf, KekError> {
         return Ok(p);
     }
     if let Some(name) = &u.module_name {
+        if name.contains('/') || name.starts_with('.') || name.is_empty() {
+            return Err(KekError::ModuleLoad(format!(
+                "module-name {name:?} is not a plain library name (no '/', not starting with \
+                 '.'); give a full path with module-path= instead"
+            )));
+        }
         let candidates = [
             format!("{name}.so"),
             format!("lib{name}.so"),
@@ -92,6 +106,105 @@ pub fn resolve_module(u: &Pkcs11Uri) -> Result<PathBuf, KekError> {
                 DEFAULT_MODULES.join(", ")
             ))
         })
+}
+
+/// Filesystems whose files' owners and modes the machine cannot vouch for (the server or
+/// the FUSE daemon says what they are): no module is loaded from them.
+const REMOTE_FS: &[(i64, &str)] = &[
+    (0x6969, "NFS"),
+    (0x517B, "SMB"),
+    (0xFF53_4D42, "CIFS"),
+    (0xFE53_4D42, "SMB2"),
+    (0x6573_5546, "FUSE"),
+    (0x0102_1997, "9p"),
+    (0x00C3_6400, "Ceph"),
+    (0x6B41_4653, "AFS"),
+    (0x7375_7245, "Coda"),
+];
+
+/// The module at `p` (its canonical path), if only root or the user running kekfs can
+/// have put it there or changed it: a regular file owned by root or that user and not
+/// writable by group or others, in directories that are all the same up to `/`, on a
+/// local filesystem. Loading a module runs its code with kekfs's privileges, so a module
+/// named by a tampered volume header (say, a library planted in the backing directory,
+/// or anywhere a local user or a file server controls) must not be loaded.
+pub fn check_module_trust(p: &Path) -> Result<PathBuf, KekError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| {
+        KekError::ModuleLoad(format!(
+            "{}: {why}; kekfs loads a PKCS#11 module only from a file that only root (or \
+             the user running kekfs) can change, on a local filesystem",
+            p.display()
+        ))
+    };
+    let canon = std::fs::canonicalize(p).map_err(|e| refuse(e.to_string()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut at = Some(canon.as_path());
+    while let Some(cur) = at {
+        let md = std::fs::metadata(cur).map_err(|e| refuse(format!("{}: {e}", cur.display())))?;
+        if md.uid() != 0 && md.uid() != me {
+            return Err(refuse(format!(
+                "{} is owned by uid {}",
+                cur.display(),
+                md.uid()
+            )));
+        }
+        if md.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "{} is writable by {} (mode {:o})",
+                cur.display(),
+                if md.mode() & 0o002 != 0 {
+                    "everyone"
+                } else {
+                    "its group"
+                },
+                md.mode() & 0o7777
+            )));
+        }
+        if cur == canon && !md.is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
+        at = cur.parent();
+    }
+    let c = std::ffi::CString::new(canon.as_os_str().as_encoded_bytes())
+        .map_err(|_| refuse("path contains a NUL byte".into()))?;
+    // SAFETY: zeroed is a valid bit pattern for the plain-data `statfs` struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut fs) } != 0 {
+        return Err(refuse(std::io::Error::last_os_error().to_string()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
+    let kind = fs.f_type as i64;
+    if let Some((_, name)) = REMOTE_FS.iter().find(|(m, _)| *m == kind) {
+        return Err(refuse(format!("it is on a {name} filesystem")));
+    }
+    Ok(canon)
+}
+
+/// Refuse a module on the filesystem of the volume's backing directory, unless that is
+/// the system's own (the one holding `/` or `/usr`): whoever could change the volume's
+/// files offline (a removable disk, a restored backup) could set any owner and mode on a
+/// library stored beside them. (Someone who can do that to the system's filesystem owns
+/// the machine anyway.)
+pub fn check_module_apart(module: &Path, backing: &Path) -> Result<(), KekError> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let (Some(m), Some(b)) = (dev(module), dev(backing)) else {
+        return Ok(()); // the checks that need them report missing files
+    };
+    let system = [dev(Path::new("/")), dev(Path::new("/usr"))];
+    if m == b && !system.contains(&Some(m)) {
+        return Err(KekError::ModuleLoad(format!(
+            "{} is on the same filesystem as the volume's backing directory {}; kekfs does \
+             not load a PKCS#11 module from there (whoever can change the volume's files \
+             could have put it there)",
+            module.display(),
+            backing.display()
+        )));
+    }
+    Ok(())
 }
 
 struct Loaded {
@@ -258,6 +371,18 @@ mod tests {
         let e =
             resolve_module(&uri("pkcs11:object=k?module-name=no-such-module-kekfs")).unwrap_err();
         assert!(matches!(&e, KekError::ModuleLoad(m) if m.contains("no-such-module-kekfs")));
+        for bad in ["../../tmp/x", "/tmp/x", ".hidden", "..", "a/b"] {
+            // The URI parser refuses a '/' already; resolving refuses the rest.
+            let Ok(u) = Pkcs11Uri::parse(&format!("pkcs11:object=k?module-name={bad}")) else {
+                assert!(bad.contains('/'), "{bad} refused by the parser");
+                continue;
+            };
+            let e = resolve_module(&u).unwrap_err();
+            assert!(
+                matches!(&e, KekError::ModuleLoad(m) if m.contains("not a plain library name")),
+                "{bad}: {e}"
+            );
+        }
         // A file that is not a PKCS#11 library fails to load with ModuleLoad, not a panic.
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake.so");
@@ -267,5 +392,41 @@ mod tests {
             matches!(&e, KekError::ModuleLoad(m) if m.contains("fake.so")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn only_modules_no_one_else_can_change_are_trusted() {
+        // Owned by root, not group/other writable, all the way up (not loaded here).
+        let sh = check_module_trust(Path::new("/bin/sh")).unwrap();
+        assert!(sh.is_absolute());
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("lib.so");
+        std::fs::write(&lib, b"x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let e = check_module_trust(&lib).unwrap_err();
+        assert!(
+            matches!(&e, KekError::ModuleLoad(m) if m.contains("writable by its group")),
+            "{e}"
+        );
+        std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The temp dir's parent (/tmp, or wherever TMPDIR points) is world-writable here
+        // unless TMPDIR says otherwise; either way some ancestor must be checked.
+        if std::fs::metadata(std::env::temp_dir())
+            .map(|m| std::os::unix::fs::MetadataExt::mode(&m) & 0o002 != 0)
+            .unwrap_or(false)
+        {
+            let e = check_module_trust(&lib).unwrap_err();
+            assert!(
+                matches!(&e, KekError::ModuleLoad(m) if m.contains("writable by everyone")),
+                "{e}"
+            );
+        }
+        let e = check_module_trust(dir.path()).unwrap_err();
+        assert!(matches!(&e, KekError::ModuleLoad(_)), "{e}");
+        // A symlink is judged by its target.
+        let link = dir.path().join("link.so");
+        std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
+        assert_eq!(check_module_trust(&link).unwrap(), sh);
     }
 }

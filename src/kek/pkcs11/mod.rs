@@ -62,7 +62,9 @@ mod versions;
 mod wrap;
 
 pub use keys::{CreatedKey, KeyProtection, UsageChange, create_key, set_key_usable};
-pub use library::{DEFAULT_MODULES, MODULE_DIRS, resolve_module};
+pub use library::{
+    DEFAULT_MODULES, MODULE_DIRS, check_module_apart, check_module_trust, resolve_module,
+};
 pub use versions::{check_kek_uri, id_to_version, version_to_id};
 pub use wrap::{ENV_MECHANISM, GCM_AAD_LABEL, GCM_IV_LEN, GCM_TAG_LEN, KEY_WRAP_LEN, MIN_RSA_BITS};
 
