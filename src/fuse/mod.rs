@@ -565,6 +565,18 @@ impl KekFs {
             return Err(e);
         }
         let (node, attr) = self.lookup_entry(&p, bn.entry())?;
+        // What was just made has one name. More means the name was swapped for a hard
+        // link to some other file of the backing filesystem between the creation and the
+        // lookup (the backing directory is untrusted), whose owner is not to be changed.
+        if attr.kind != FileType::Directory && attr.nlink != 1 {
+            error!(
+                "{}: new entry {} has {} links: replaced under kekfs; not taking it over",
+                p.backing_path(),
+                bn.entry(),
+                attr.nlink
+            );
+            return Err(Errno::EIO);
+        }
         let gid = self.new_entry_gid(req, &p)?;
         if attr.uid == req.uid() && attr.gid == gid {
             // Created by the daemon's own identity already (e.g. root): nothing to change.
