@@ -334,6 +334,12 @@ impl VolumeLock {
                 let _ = file.rewind();
                 // The backing directory is untrusted: read a bounded amount.
                 let _ = (&mut file).take(4096).read_to_string(&mut who);
+                // Written by whoever can write the backing directory: shown without
+                // control characters (no escape sequences reach the terminal).
+                let who: String = who
+                    .chars()
+                    .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+                    .collect();
                 let mut it = who.lines();
                 let pid = it.next().unwrap_or("?");
                 let mp = it.next().unwrap_or("?");

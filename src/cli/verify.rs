@@ -719,7 +719,7 @@ fn print_text(r: &Report) {
         c.xattrs
     );
     for n in &r.notes {
-        outln!("  note: {n}");
+        outln!("  note: {}", printable(n));
     }
     if r.ok {
         outln!("OK: the volume is under its KEK and every block authenticates");
@@ -730,12 +730,26 @@ fn print_text(r: &Report) {
             outln!(
                 "  {:<11} {}{block} ({}): {}",
                 f.kind,
-                f.path,
-                f.backing.display(),
-                f.detail
+                printable(&f.path),
+                printable(&f.backing.display().to_string()),
+                printable(&f.detail)
             );
         }
     }
+}
+
+/// `s` with control characters shown escaped: names in the backing directory are chosen
+/// by whoever can write it, and must not reach the terminal as escape sequences.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn show(b: Option<bool>) -> &'static str {
@@ -743,5 +757,16 @@ fn show(b: Option<bool>) -> &'static str {
         Some(true) => "true",
         Some(false) => "false",
         None => "unreadable",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(
+            super::printable("dir/\u{1b}]0;x\u{7}é\tb"),
+            "dir/\\u{1b}]0;x\\u{7}é\\tb"
+        );
     }
 }

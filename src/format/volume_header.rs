@@ -116,6 +116,11 @@ impl VolumeHeader {
         let uri = r.take(uri_len, "KEK URI")?;
         let kek_uri = String::from_utf8(uri.to_vec())
             .map_err(|_| FormatError("KEK URI is not UTF-8".into()))?;
+        // Shown by `status` and in messages: no escape sequences for the terminal (a URI
+        // kekfs writes has none).
+        if kek_uri.chars().any(char::is_control) {
+            return Err(FormatError("KEK URI holds control characters".into()));
+        }
         let n = r.u8("slot count")? as usize;
         if n != SLOTS {
             return Err(FormatError(format!("slot count {n}, expected {SLOTS}")));
@@ -212,6 +217,16 @@ mod tests {
             bad[i] ^= 0x01;
             assert!(VolumeHeader::parse(&bad).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn control_characters_in_the_uri_are_refused() {
+        let k = Key32::from_bytes([4u8; 32]);
+        let mut h = sample();
+        h.kek_uri = "soft:vol\u{1b}]0;owned\u{7}".into();
+        let b = h.to_bytes(&k).unwrap();
+        let e = VolumeHeader::parse(&b).unwrap_err();
+        assert!(e.0.contains("control characters"), "{}", e.0);
     }
 
     #[test]
