@@ -658,12 +658,13 @@ fn token_module_and_uri_errors_are_distinct() {
         hsm.pinfile.display()
     ));
     assert_fails(&o, 33, &["/nonexistent/libfoo.so"]);
+    // A file that is not a library, where only root can change it (a file in a
+    // directory others can write to is refused before any load is tried).
     let o = init(&format!(
-        "pkcs11:token=kekfs;object=k?module-path={}&pin-source=file:{}",
-        setup_script().display(),
+        "pkcs11:token=kekfs;object=k?module-path=/etc/passwd&pin-source=file:{}",
         hsm.pinfile.display()
     ));
-    assert_fails(&o, 33, &["cannot load PKCS#11 module"]);
+    assert_fails(&o, 33, &["cannot load PKCS#11 module", "/etc/passwd"]);
     // Key not found: names the token and how to create it.
     let o = init(&hsm.uri("vol-kek", ""));
     assert_fails(&o, 14, &["no key \"vol-kek\"", "kekfs key create --kek"]);
