@@ -788,3 +788,42 @@ fn held_hdrlock_fails_rewrap_in_bounded_time() {
     drop(lock);
     env.ok(&["rewrap", env.backing.to_str().unwrap()]);
 }
+
+/// The backing directory itself swapped for a link to another directory while mounted
+/// (by whoever can write its parent, a sync folder say): the key monitor keeps reading
+/// and rewriting the header of the directory it mounted, and writes nothing into the
+/// other one.
+#[test]
+fn online_rewrap_stays_in_the_mounted_directory_after_a_swap() {
+    let Some(env) = Env::new("online_rewrap_stays_in_the_mounted_directory_after_a_swap") else {
+        return;
+    };
+    let _tidy = Tidy(&env);
+    env.init_volume();
+    let m = env.mount_with(&["poll=100ms"]);
+    std::fs::write(m.p("f"), b"data").unwrap();
+    let moved = env.dir.path().join("backing-moved");
+    let decoy = outside(&env).join("decoy");
+    std::fs::create_dir(&decoy).unwrap();
+    std::fs::rename(&env.backing, &moved).unwrap();
+    make_symlink(&decoy, &env.backing);
+    env.ok(&["key", "rotate", "k"]);
+    assert!(
+        wait_for(Duration::from_secs(20), || env.wrapped_by(&moved) == [2, 1]),
+        "the mounted volume's header was not rewrapped in place: {:?}",
+        env.wrapped_by(&moved)
+    );
+    let stray: Vec<_> = std::fs::read_dir(&decoy)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "written into the decoy directory: {stray:?}"
+    );
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), b"data");
+    // Put it back so that the guard's unmount finds the volume where it was mounted.
+    std::fs::remove_file(&env.backing).unwrap();
+    std::fs::rename(&moved, &env.backing).unwrap();
+    m.unmount();
+}

@@ -8,7 +8,7 @@ use crate::format::volume_header::VolumeHeader;
 use crate::kek::{KekError, KekProvider, KekUri, Refusal};
 use crate::volume::{self, Volume, VolumeError};
 use log::{error, info, warn};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -307,7 +307,13 @@ pub enum PollOutcome {
 pub struct Monitor {
     gate: Arc<Gate>,
     provider: Box<dyn KekProvider>,
+    /// The backing directory as given (for messages).
     backing: PathBuf,
+    /// The same directory as `/proc/self/fd/N` of a descriptor opened when the monitor
+    /// was made, for reading and rewriting the header: whoever can write the backing
+    /// directory's parent could swap the directory for a link to another one later, and
+    /// the header (and its temp and lock files) must not be read or written there.
+    dir: Option<(std::os::fd::OwnedFd, PathBuf)>,
     timing: Timing,
     grace_since: Option<(Instant, SystemTime)>,
     /// Called after each poll with the gate (to publish status).
@@ -315,6 +321,21 @@ pub struct Monitor {
     /// Called for every [`Event`] (polls, state changes, rewraps).
     pub on_event: Option<EventHook>,
     last_ok: Option<SystemTime>,
+}
+
+/// An `O_PATH` descriptor of directory `p`, and the `/proc/self/fd` path that reaches it.
+fn open_dir(p: &Path) -> std::io::Result<(std::os::fd::OwnedFd, PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(p)?;
+    let fd = std::os::fd::OwnedFd::from(f);
+    let path = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    ));
+    Ok((fd, path))
 }
 
 impl Monitor {
@@ -325,16 +346,30 @@ impl Monitor {
         backing: PathBuf,
         timing: Timing,
     ) -> Self {
+        let dir = open_dir(&backing)
+            .map_err(|e| {
+                warn!(
+                    "{}: cannot hold the backing directory open: {e}",
+                    backing.display()
+                )
+            })
+            .ok();
         Self {
             gate,
             provider,
             backing,
+            dir,
             timing,
             grace_since: None,
             on_poll: None,
             on_event: None,
             last_ok: Some(SystemTime::now()),
         }
+    }
+
+    /// Where the header is read and rewritten (see `dir`).
+    fn header_dir(&self) -> &Path {
+        self.dir.as_ref().map_or(self.backing.as_path(), |(_, p)| p)
     }
 
     fn emit(&self, ev: Event<'_>) {
@@ -345,7 +380,7 @@ impl Monitor {
 
     /// One poll: read the volume header (once), unwrap, then update the gate.
     pub fn poll_once(&mut self) -> PollOutcome {
-        let read = volume::read_header(&self.backing);
+        let read = volume::read_header(self.header_dir());
         let mut key_version = None;
         if let Ok((h, _)) = &read {
             self.follow_kek_change(h);
@@ -463,7 +498,7 @@ impl Monitor {
             && latest > h.slots[0].key_version
         {
             let from = h.slots[0].key_version;
-            match vol.rewrap(&self.backing, self.provider.as_ref(), 0) {
+            match vol.rewrap(self.header_dir(), self.provider.as_ref(), 0) {
                 Ok(nh) => {
                     info!(
                         "{}: rewrapped online from KEK version {from} to {}",
