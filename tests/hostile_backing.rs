@@ -378,6 +378,46 @@ fn lock_symlink_mount_refused_victim_untouched() {
     let (o, mounted) = mount_bounded(&env, None);
     assert_victim_untouched(&v, "mount with kekfs.lock -> victim");
     assert_refused(&o, mounted, "kekfs.lock", "kekfs.lock is a symlink");
+    assert!(
+        stderr(&o).contains("remove it and try again"),
+        "the error says what to do: {}",
+        stderr(&o)
+    );
+    // Which works, and leaves the victim alone.
+    std::fs::remove_file(env.backing.join("kekfs.lock")).unwrap();
+    env.mount().unmount();
+    assert_victim_untouched(&v, "mount after removing the link");
+}
+
+/// A backing directory copied with hard links (`cp -al`, rsnapshot): kekfs.lock has two
+/// names, one of them another volume's. The mount is refused with what to do, rather
+/// than writing its pid into the other copy's lock.
+#[test]
+fn hard_linked_lock_is_refused_with_a_remedy() {
+    let Some(env) = Env::new("hard_linked_lock_is_refused_with_a_remedy") else {
+        return;
+    };
+    let _tidy = Tidy(&env);
+    env.init_volume();
+    let other = outside(&env).join("kekfs.lock");
+    std::fs::write(&other, b"").unwrap();
+    let lock = env.backing.join("kekfs.lock");
+    let _ = std::fs::remove_file(&lock);
+    std::fs::hard_link(&other, &lock).unwrap();
+    let (o, mounted) = mount_bounded(&env, None);
+    assert_refused(&o, mounted, "kekfs.lock", "kekfs.lock has two names");
+    assert!(
+        stderr(&o).contains("hard links") && stderr(&o).contains("remove it"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(&other).unwrap(),
+        b"",
+        "the other copy's lock was written"
+    );
+    std::fs::remove_file(&lock).unwrap();
+    env.mount().unmount();
 }
 
 #[test]

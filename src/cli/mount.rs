@@ -319,8 +319,15 @@ impl VolumeLock {
         let path = backing.join(LOCK_FILE);
         // The backing directory is untrusted: no symlink (the pid is written into this
         // file, as root), no FIFO (see `untrusted`).
-        let mut file = untrusted::open(&path, libc::O_RDWR | libc::O_CREAT, 0o600)
-            .map_err(|e| CliError::failure(format!("cannot open {}: {e}", path.display())))?;
+        let mut file =
+            untrusted::open(&path, libc::O_RDWR | libc::O_CREAT, 0o600).map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::InvalidData {
+                    "; if no kekfs process is using this volume, remove it and try again"
+                } else {
+                    ""
+                };
+                CliError::failure(format!("cannot open {}: {e}{hint}", path.display()))
+            })?;
         let deadline = Instant::now() + LOCK_WAIT;
         loop {
             // SAFETY: flock on a valid descriptor.

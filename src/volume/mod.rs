@@ -97,7 +97,8 @@ pub fn header_lock(backing: &Path) -> Result<std::fs::File, VolumeError> {
         0o600,
     )
     .map_err(io_err(format!(
-        "opening the header lock {HEADER_LOCK_FILE}"
+        "opening the header lock {HEADER_LOCK_FILE} (if it is not a regular file with one \
+         name and no rewrap is running, remove it and try again)"
     )))?;
     let deadline = std::time::Instant::now() + HEADER_LOCK_WAIT;
     loop {
