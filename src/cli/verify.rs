@@ -19,7 +19,7 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -612,9 +612,16 @@ impl<'a> Walker<'a> {
     }
 
     fn xattrs(&mut self, path: &Path, plain: &str) {
-        let Ok(c) = crate::fuse::sys::cstr(path.as_os_str().as_bytes()) else {
+        // Through an O_PATH handle of the entry itself: if it was swapped for a symlink
+        // since it was listed, the link's own attributes are read, not its target's.
+        let Ok(handle) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        else {
             return;
         };
+        let c = crate::fuse::sys::proc_path(std::os::fd::AsRawFd::as_raw_fd(&handle));
         let Ok(list) = crate::fuse::sys::listxattr(&c) else {
             return;
         };
