@@ -93,6 +93,7 @@ fn provider(env: &Env, uri: &str) -> Box<dyn kekfs::kek::KekProvider> {
     let opts = kekfs::kek::ProviderOptions {
         keystore_dir: env.keystore.clone(),
         passphrase: kekfs::kek::passphrase::PassphraseSource::File(env.passfile.clone()),
+        volume_dir: None,
     };
     kekfs::kek::open_provider(&kekfs::kek::KekUri::parse(uri).unwrap(), &opts).unwrap()
 }

@@ -1128,6 +1128,7 @@ mod helper {
                 let opts = ProviderOptions {
                     keystore_dir: "/nonexistent".into(),
                     passphrase: passphrase::PassphraseSource::File("/nonexistent".into()),
+                    volume_dir: None,
                 };
                 let p = open_provider(&uri, &opts).expect("open provider");
                 let aek = Key32::generate();

@@ -62,9 +62,10 @@ pub fn open_audited(
         audit = audit.with_volume(id, backing);
     }
     let audit = Arc::new(audit);
-    if let (KekUri::Pkcs11(u), Some((_, backing))) = (uri, volume) {
-        crate::kek::pkcs11::check_module_apart(&crate::kek::pkcs11::resolve_module(u)?, backing)?;
-    }
+    let popts = &ProviderOptions {
+        volume_dir: volume.map(|(_, backing)| backing.to_path_buf()),
+        ..popts.clone()
+    };
     match open_provider(uri, popts) {
         Ok(p) => Ok(Audited::new(p, audit, uri.version())),
         Err(e) => {

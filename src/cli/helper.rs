@@ -165,6 +165,7 @@ pub fn run_helper(a: HelperArgs) -> Result<(), CliError> {
     let popts = ProviderOptions {
         keystore_dir: keystore::default_keystore_dir(),
         passphrase: PassphraseSource::Auto,
+        volume_dir: None,
     };
     if a.fake {
         // mount -f: check the options and the volume, change nothing.

@@ -237,6 +237,7 @@ fn provider_options(cli: &Cli) -> ProviderOptions {
             Some(p) => PassphraseSource::File(p.clone()),
             None => PassphraseSource::Auto,
         },
+        volume_dir: None,
     }
 }
 

@@ -288,6 +288,9 @@ pub struct ProviderOptions {
     pub keystore_dir: PathBuf,
     /// Where the keystore passphrase comes from.
     pub passphrase: passphrase::PassphraseSource,
+    /// The backing directory of the volume the provider is opened for, if any: a
+    /// PKCS#11 module on its filesystem is refused (see `pkcs11::check_module_apart`).
+    pub volume_dir: Option<PathBuf>,
 }
 
 /// Open the provider a URI names.

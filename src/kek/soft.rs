@@ -254,6 +254,7 @@ mod tests {
         let opts = ProviderOptions {
             keystore_dir: ks.dir().to_path_buf(),
             passphrase: PassphraseSource::File(passfile.clone()),
+            volume_dir: None,
         };
         let p = open_provider(&KekUri::parse("soft:vol?version=1").unwrap(), &opts).unwrap();
         assert_eq!(p.uri(), "soft:vol?version=1");

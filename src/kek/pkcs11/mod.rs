@@ -62,9 +62,7 @@ mod versions;
 mod wrap;
 
 pub use keys::{CreatedKey, KeyProtection, UsageChange, create_key, set_key_usable};
-pub use library::{
-    DEFAULT_MODULES, MODULE_DIRS, check_module_apart, check_module_trust, resolve_module,
-};
+pub use library::{DEFAULT_MODULES, MODULE_DIRS, check_module_trust, resolve_module};
 pub use versions::{check_kek_uri, id_to_version, version_to_id};
 pub use wrap::{ENV_MECHANISM, GCM_AAD_LABEL, GCM_IV_LEN, GCM_TAG_LEN, KEY_WRAP_LEN, MIN_RSA_BITS};
 
@@ -115,6 +113,9 @@ impl Pkcs11Provider {
             None => pin_source.to_string(),
         };
         let module = resolve_module(uri)?;
+        if let Some(backing) = &opts.volume_dir {
+            library::check_module_apart(&module, backing)?;
+        }
         let p = Pkcs11Provider {
             uri: uri.clone(),
             module,
