@@ -9,6 +9,7 @@
 //! hanging the suite.
 
 mod common;
+use common::tamper::assert_eio;
 use common::*;
 
 use std::ffi::CString;
@@ -297,15 +298,6 @@ fn lookup_in_time(env: &Env, p: PathBuf, fifo: &Path) -> io::Result<std::fs::Met
             tidy(env);
         },
     )
-}
-
-/// The call failed with EIO.
-#[track_caller]
-fn assert_eio<T: std::fmt::Debug>(r: &io::Result<T>, what: &str) {
-    match r {
-        Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
-        other => panic!("{what}: expected EIO, got {other:?}"),
-    }
 }
 
 /// Backing entries of `dir` other than kekfs's own files.
@@ -635,9 +627,9 @@ fn dirid_fifo_gives_eio_not_a_hang() {
     make_fifo(&id);
     let m = env.mount();
     let r = list_in_time(&env, m.p("d"), &id);
-    assert_eio(&r, "listing d (kekfs.dirid is a FIFO)");
+    assert_eio(r, "listing d (kekfs.dirid is a FIFO)");
     let r = lookup_in_time(&env, m.p("d/anything"), &id);
-    assert_eio(&r, "lookup in d (kekfs.dirid is a FIFO)");
+    assert_eio(r, "lookup in d (kekfs.dirid is a FIFO)");
     // The root is unaffected.
     assert!(list(&env.mnt).unwrap().contains(&"d".to_string()));
     release_fifo(&id);
@@ -654,9 +646,9 @@ fn dirid_symlink_gives_eio() {
     symlink_to_copy(&env, &id);
     let m = env.mount();
     let r = list_in_time(&env, m.p("d"), &id);
-    assert_eio(&r, "listing d (kekfs.dirid is a symlink)");
+    assert_eio(r, "listing d (kekfs.dirid is a symlink)");
     let r = lookup_in_time(&env, m.p("d/f"), &id);
-    assert_eio(&r, "lookup in d (kekfs.dirid is a symlink)");
+    assert_eio(r, "lookup in d (kekfs.dirid is a symlink)");
     m.unmount();
 }
 
@@ -714,7 +706,7 @@ fn sidecar_symlink_rename_refused_victim_untouched() {
     std::fs::write(m.p("short"), b"short").unwrap();
     let r = std::fs::rename(m.p("short"), m.p(&long_name()));
     assert_victim_untouched(&v, "rename onto a long name whose sidecar -> victim");
-    assert_eio(&r, "rename onto a long name whose sidecar is a symlink");
+    assert_eio(r, "rename onto a long name whose sidecar is a symlink");
     m.unmount();
 }
 

@@ -227,6 +227,21 @@ enum KeyCmd {
     Lifecycle(keys::KeyLifecycleCmd),
 }
 
+/// `s` with control characters shown escaped: names and files in the backing directory
+/// are chosen by whoever can write it, and must not reach the terminal as escape
+/// sequences.
+pub(crate) fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn provider_options(cli: &Cli) -> ProviderOptions {
     ProviderOptions {
         keystore_dir: cli
@@ -478,5 +493,13 @@ mod tests {
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(
+            printable("dir/\u{1b}]0;x\u{7}é\tb"),
+            "dir/\\u{1b}]0;x\\u{7}é\\tb"
+        );
     }
 }

@@ -341,15 +341,11 @@ impl VolumeLock {
                 let _ = file.rewind();
                 // The backing directory is untrusted: read a bounded amount.
                 let _ = (&mut file).take(4096).read_to_string(&mut who);
-                // Written by whoever can write the backing directory: shown without
-                // control characters (no escape sequences reach the terminal).
-                let who: String = who
-                    .chars()
-                    .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
-                    .collect();
-                let mut it = who.lines();
-                let pid = it.next().unwrap_or("?");
-                let mp = it.next().unwrap_or("?");
+                // Written by whoever can write the backing directory: shown with any
+                // control characters escaped.
+                let mut it = who.lines().map(super::printable);
+                let pid = it.next().unwrap_or_else(|| "?".into());
+                let mp = it.next().unwrap_or_else(|| "?".into());
                 let msg = if mounted {
                     format!(
                         "{} is already mounted at {mp} (pid {pid}); unmount it first with `kekfs unmount {mp}`",

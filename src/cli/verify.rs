@@ -7,6 +7,7 @@
 use super::audit::outln;
 use super::error::CliError;
 use super::exit;
+use super::printable;
 use crate::audit::record::{Event, TASK_VOLUME_STATE, op};
 use crate::audit::{self, To};
 use crate::format::names::{self as fnames, Found};
@@ -745,35 +746,10 @@ fn print_text(r: &Report) {
     }
 }
 
-/// `s` with control characters shown escaped: names in the backing directory are chosen
-/// by whoever can write it, and must not reach the terminal as escape sequences.
-fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
 fn show(b: Option<bool>) -> &'static str {
     match b {
         Some(true) => "true",
         Some(false) => "false",
         None => "unreadable",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn printable_escapes_control_characters_only() {
-        assert_eq!(
-            super::printable("dir/\u{1b}]0;x\u{7}é\tb"),
-            "dir/\\u{1b}]0;x\\u{7}é\\tb"
-        );
     }
 }
