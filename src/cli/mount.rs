@@ -585,13 +585,24 @@ fn serve(
     crate::fuse::sys::set_umask(0);
     let vid = volume::hex(vol.id());
     let gate = Arc::new(Gate::new(vol));
-    let fs =
-        KekFs::with_cache(gate.clone(), backing, opts.read_only, opts.writeback).map_err(|e| {
-            CliError::new(
-                exit::MOUNT_FAILED,
-                format!("opening backing directory: {e}"),
-            )
-        })?;
+    // `spin=0` turns off the write helper's spinning too.
+    let split_spin = match opts.spin {
+        Some(d) if d.is_zero() => Duration::ZERO,
+        _ => crate::fuse::SPLIT_SPIN,
+    };
+    let fs = KekFs::with_cache(
+        gate.clone(),
+        backing,
+        opts.read_only,
+        opts.writeback,
+        split_spin,
+    )
+    .map_err(|e| {
+        CliError::new(
+            exit::MOUNT_FAILED,
+            format!("opening backing directory: {e}"),
+        )
+    })?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(backing.display().to_string()),

@@ -2,6 +2,7 @@
 //! plus creating and opening volumes in a backing directory.
 
 pub mod content;
+pub mod split;
 
 use crate::crypto::aead::Cipher;
 use crate::crypto::names::{SivBatch, SivCipher};
