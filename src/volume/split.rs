@@ -6,9 +6,9 @@
 //! writing thread seals the lower half of the blocks into a buffer of the helper's and
 //! hands it over; the helper `pwrite`s it while the writing thread seals the upper half,
 //! which it writes itself once the lower half is in place. Only ciphertext, in owned
-//! buffers, and a duplicated descriptor cross threads. Waking an idle CPU on this kind of VM takes about as long as the work saved,
-//! so after a job the helper keeps looking for the next one for a while (`spin`) before it
-//! sleeps.
+//! buffers, and a duplicated descriptor cross threads. Waking an idle CPU on this kind
+//! of VM takes about as long as the work saved, so after a job the helper keeps looking
+//! for the next one for a while (`spin`) before it sleeps.
 
 use parking_lot::Mutex;
 use std::fs::File;
@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
 use std::time::{Duration, Instant};
 
-/// Writes of fewer blocks than this are sealed and written on the writing thread alone:
-/// below it, the hand-over costs about what it saves.
+/// Writes of fewer blocks (256 KiB) than this are sealed and written on the writing
+/// thread alone, since small ones cannot repay the hand-over. (The gain was measured on
+/// 1 MiB writes, the size FUSE sends sequential writes in.)
 pub const MIN_BLOCKS: usize = 64;
 
 /// A buffer that grew past this (a write far larger than FUSE sends) is not kept.
