@@ -859,6 +859,18 @@ fn fio_direct_io_verify() {
                 "--iodepth=4",
             ][..],
         ),
+        // 1 MiB writes go out in two halves, the lower one from the write helper; two
+        // jobs at once make one of them find the helper busy now and then.
+        (
+            "rand1m",
+            &[
+                "--rw=randwrite",
+                "--bs=1m",
+                "--ioengine=libaio",
+                "--iodepth=4",
+                "--numjobs=2",
+            ][..],
+        ),
     ] {
         let o = Command::new("fio")
             .arg(format!("--name={name}"))
