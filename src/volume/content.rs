@@ -192,7 +192,8 @@ fn read_full_at(file: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<us
 }
 
 /// Largest request served from the per-thread ciphertext buffer; bigger ones allocate.
-const BUF_MAX: usize = 4 << 20;
+/// Also the largest buffer the write helper keeps (`split`).
+pub(super) const BUF_MAX: usize = 4 << 20;
 
 thread_local! {
     /// Per-thread ciphertext buffer, reused across requests (no allocation or zeroing on

@@ -24,9 +24,6 @@ use std::time::{Duration, Instant};
 /// 252–362 → 232–272; smaller writes were not tried.)
 pub const MIN_BLOCKS: usize = 64;
 
-/// A buffer that grew past this (a write far larger than FUSE sends) is not kept.
-const MAX_KEPT: usize = 4 << 20;
-
 struct Job {
     file: File,
     buf: Vec<u8>,
@@ -75,7 +72,9 @@ impl SplitWriter {
 
     /// Give back a claimed buffer without a job.
     pub(super) fn release(&self, buf: Vec<u8>) {
-        let buf = if buf.capacity() > MAX_KEPT {
+        // A buffer that grew past the ciphertext buffers' bound (a write far larger than
+        // FUSE sends) is not kept.
+        let buf = if buf.capacity() > super::content::BUF_MAX {
             Vec::new()
         } else {
             buf
