@@ -683,6 +683,16 @@ mod tests {
         (f, fc)
     }
 
+    /// A reproducible stream of numbers below `m` (a 64-bit LCG) for the model checks.
+    fn lcg(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |m| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        }
+    }
+
     /// A model check: random writes/truncates/zeroed ranges against a Vec<u8>, for both
     /// file versions.
     #[test]
@@ -696,13 +706,7 @@ mod tests {
         let (f, fc) = setup_version(version);
         let file = f.as_file();
         let mut model: Vec<u8> = Vec::new();
-        let mut seed = 42u64;
-        let mut rnd = |m: u64| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) % m
-        };
+        let mut rnd = lcg(42);
         for i in 0..600 {
             match rnd(5) {
                 0 | 1 => {
@@ -765,13 +769,7 @@ mod tests {
             let file = f.as_file();
             let h = helper();
             let mut model: Vec<u8> = Vec::new();
-            let mut seed = 7u64;
-            let mut rnd = |m: u64| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (seed >> 33) % m
-            };
+            let mut rnd = lcg(7);
             for i in 0..80u64 {
                 let off = if i % 4 == 0 {
                     rnd(64) * BLOCK_SIZE
