@@ -1458,7 +1458,7 @@ fn fallocate_modes() {
 // ---------------------------------------------------------------------------------------
 
 /// The mount's sequential read-ahead window is raised from the kernel's 128 KiB default to
-/// the 1 MiB the daemon accepts (mounted as root here; see `set_readahead`).
+/// the 2 MiB the daemon sets (mounted as root here; see `set_readahead`).
 #[test]
 fn read_ahead_window_is_raised() {
     let Some(env) = setup("read_ahead_window_is_raised") else {
@@ -1469,7 +1469,7 @@ fn read_ahead_window_is_raised() {
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     let kb = fs::read_to_string(&path).unwrap();
-    assert_eq!(kb.trim(), "1024", "{path}");
+    assert_eq!(kb.trim(), "2048", "{path}");
     // Sequential reads through the larger window still return the file exactly.
     let data = pattern(11, 5 << 20);
     fs::write(m.p("big"), &data).unwrap();

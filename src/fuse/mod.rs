@@ -38,8 +38,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long the kernel may cache attributes and entries.
 const TTL: Duration = Duration::from_secs(1);
 
-/// The largest read-ahead request kekfs asks the kernel for (bytes).
-pub const MAX_READAHEAD: u32 = 1 << 20;
+/// The read-ahead window kekfs asks the kernel for (bytes). INIT can only lower the
+/// kernel's default (128 KiB), so the mount raises it through /sys (`cli::mount`); reads
+/// still arrive as requests of at most `max_pages` (1 MiB), two of them per window.
+pub const MAX_READAHEAD: u32 = 2 << 20;
 
 /// How long the write helper looks for the next large write after one, by default. A
 /// stream of 1 MiB writes comes 0.3–0.8 ms apart here; waking the idle helper instead
