@@ -161,6 +161,24 @@ def read_text(path):
         return None
 
 
+def cpu_ticks():
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat; (0, 0) if unreadable.
+    Steal is time the hypervisor ran something else while this VM wanted the CPU."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_pct(before, after):
+    """Share (%) of the CPU time between two `cpu_ticks` samples that was stolen."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def fio_job(name, rw, bs, size, extra, runtime):
     job = {"name": name, "rw": rw, "bs": bs, "size": size, "extra": extra}
     if runtime:
@@ -320,6 +338,7 @@ def main():
         # all targets alike instead of on whichever one was running through it.
         for job in all_jobs:
             vals = {t.name: [] for t in targets}
+            steal = {t.name: [] for t in targets}
             failed = set()
             for rep in range(a.reps):
                 k = rep % len(targets)
@@ -327,6 +346,7 @@ def main():
                     if t.name in failed:
                         continue
                     d = t.setup()
+                    ticks = cpu_ticks()
                     try:
                         if job["name"] == "small-files-4k":
                             v = small_files(d, 500 if a.quick else 2000)
@@ -340,12 +360,16 @@ def main():
                         failed.add(t.name)
                         continue
                     vals[t.name].append(v[0])
+                    # Measured around the whole repetition (layout and cache drop included).
+                    steal[t.name].append(steal_pct(ticks, cpu_ticks()))
                     units[job["name"]] = v[1]
             for t in targets:
-                results.setdefault(job["name"], {})[t.name] = vals[t.name]
+                results.setdefault(job["name"], {})[t.name] = (vals[t.name], steal[t.name])
                 shown = (f"{statistics.median(vals[t.name]):10.0f}" if vals[t.name]
                          else "   n/a")
-                print(f"{job['name']:26s} {t.name:10s} {shown} {units.get(job['name'], '')}",
+                st = (f"  (CPU steal {min(steal[t.name]):.1f}-{max(steal[t.name]):.1f} %)"
+                      if steal[t.name] else "")
+                print(f"{job['name']:26s} {t.name:10s} {shown} {units.get(job['name'], ''):9s}{st}",
                       flush=True)
         report = {
             "date": stamp,
@@ -359,19 +383,21 @@ def main():
             "quick": a.quick,
             "units": units,
             "results": {
-                j: {t: ({"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-                        if v else None) for t, v in r.items()}
+                j: {t: ({"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v,
+                         "steal_pct": [round(x, 2) for x in st]}
+                        if v else None) for t, (v, st) in r.items()}
                 for j, r in results.items()
             },
         }
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(out, "results.csv"), "w") as f:
-            f.write("job,unit,target,median,min,max\n")
+            f.write("job,unit,target,median,min,max,max_steal_pct\n")
             for j, r in report["results"].items():
                 for t, s in r.items():
                     if s:
-                        f.write(f"{j},{units.get(j, '')},{t},{s['median']:.1f},{s['min']:.1f},{s['max']:.1f}\n")
+                        f.write(f"{j},{units.get(j, '')},{t},{s['median']:.1f},{s['min']:.1f},"
+                                f"{s['max']:.1f},{max(s['steal_pct'], default=0):.1f}\n")
         print_ratios(report)
         plot(report, out)
         print(f"results in {out}/ (results.json, results.csv, results.png)")
