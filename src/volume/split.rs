@@ -46,10 +46,13 @@ pub struct SplitWorker {
     rx: Receiver<Job>,
 }
 
-/// A half handed to the helper; `wait` for its `pwrite`.
+/// A half handed to the helper; `wait` for its `pwrite`. Dropped without `wait` (a panic
+/// unwinding past it), it still waits, so that a half never lands after the write it
+/// belongs to has ended and a later write to the same range has begun.
 pub(super) struct Pending<'a> {
     owner: &'a SplitWriter,
-    done: Receiver<(Vec<u8>, io::Result<()>)>,
+    /// `None` once the outcome has been taken.
+    done: Option<Receiver<(Vec<u8>, io::Result<()>)>>,
 }
 
 impl SplitWriter {
@@ -102,7 +105,7 @@ impl SplitWriter {
         }) {
             Ok(()) => Ok(Pending {
                 owner: self,
-                done: rx,
+                done: Some(rx),
             }),
             Err(e) => Err(e.0.buf),
         }
@@ -118,24 +121,35 @@ impl Pending<'_> {
     /// The outcome of the helper's `pwrite`. The buffer goes back to the writer; if the
     /// helper died instead, the helper stays busy for good (later writes work alone) and
     /// this is an error.
-    pub fn wait(self) -> io::Result<()> {
+    pub fn wait(mut self) -> io::Result<()> {
+        self.finish()
+            .unwrap_or_else(|| Err(io::Error::other("the write helper thread died")))
+    }
+
+    /// Wait for the helper's outcome (once) and take its buffer back; `None` if the helper
+    /// died, or the outcome was already taken.
+    fn finish(&mut self) -> Option<io::Result<()>> {
+        let done = self.done.take()?;
         // The helper started while this thread had as much sealing left to do: look for
         // the result briefly before sleeping on it.
         let until = Instant::now() + Duration::from_micros(200);
-        let got = loop {
-            match self.done.try_recv() {
-                Ok(r) => break Some(r),
-                Err(TryRecvError::Disconnected) => break None,
+        let (buf, r) = loop {
+            match done.try_recv() {
+                Ok(r) => break r,
+                Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) if Instant::now() < until => std::hint::spin_loop(),
-                Err(TryRecvError::Empty) => break self.done.recv().ok(),
+                Err(TryRecvError::Empty) => break done.recv().ok()?,
             }
-        };
-        let Some((buf, r)) = got else {
-            return Err(io::Error::other("the write helper thread died"));
         };
         self.owner.release(buf);
         self.owner.done.fetch_add(1, Ordering::Relaxed);
-        r
+        Some(r)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 
@@ -165,5 +179,44 @@ impl SplitWorker {
             let _ = job.done.send((job.buf, r));
             last = Some(Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Pending` dropped without `wait` returns only once the helper's `pwrite` is done
+    /// and its buffer is back. The helper starts 50 ms after the hand-over, so a drop
+    /// that did not wait would see the range still unwritten.
+    #[test]
+    fn a_dropped_pending_still_waits_for_its_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let (w, worker) = SplitWriter::new();
+        let mut buf = w.claim().unwrap();
+        buf.extend_from_slice(&[7u8; 8192]);
+        let p = w
+            .start(&f, buf, 4096)
+            .map_err(|_| "not handed over")
+            .unwrap();
+        assert!(w.claim().is_none(), "the helper is busy with the job");
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            worker.run(Duration::ZERO);
+        });
+        drop(p);
+        let mut back = vec![0u8; 8192];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert!(back.iter().all(|&b| b == 7), "the half was not written yet");
+        assert!(w.claim().is_some(), "the helper's buffer came back");
+        assert_eq!(w.jobs(), 1);
+        drop(w);
+        t.join().unwrap();
     }
 }
