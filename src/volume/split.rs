@@ -191,13 +191,7 @@ mod tests {
     /// that did not wait would see the range still unwritten.
     #[test]
     fn a_dropped_pending_still_waits_for_its_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(dir.path().join("f"))
-            .unwrap();
+        let f = tempfile::tempfile().unwrap();
         let (w, worker) = SplitWriter::new();
         let mut buf = w.claim().unwrap();
         buf.extend_from_slice(&[7u8; 8192]);
