@@ -3,8 +3,9 @@
 //!
 //! Implementation: ring. Chosen by measurement (benches/crypto.rs, README "Crypto"): ring
 //! has a VAES+AVX2 AES-GCM path that AWS-LC lacks, so on CPUs with VAES but no AVX-512
-//! (AMD Zen 3, for one) it seals and opens 4 KiB blocks 1.3-1.9x as fast as aws-lc-rs,
-//! and on AVX-512 CPUs it is level with it; both are 2-3x the RustCrypto `aes-gcm` crate.
+//! (the AMD EPYC this was measured on) it seals 4 KiB blocks a little faster than
+//! aws-lc-rs and opens them up to 1.7x as fast; on an AVX-512 CPU it was level on
+//! sealing and 1.25x on opening. Both are about twice the RustCrypto `aes-gcm` crate.
 //!
 //! ring does not wipe its key schedule, so this module does: the schedule lives in one
 //! heap allocation that is overwritten when the cipher drops, and the stack where ring
@@ -106,7 +107,7 @@ fn wiped() -> &'static LessSafeKey {
 
 /// `dst.copy_from_slice(src)` in pieces of at most 1 KiB. ring seals and opens in place,
 /// so every block is copied once first; glibc's `memcpy` uses `rep movsb` from 2 KiB up,
-/// which on AMD Zen 3 runs at under 3 GB/s (against 40-70) when `dst` is 1-31 bytes past
+/// which on an AMD EPYC here (VAES, no AVX-512) ran at under 3 GB/s (against 40-70) when `dst` is 1-31 bytes past
 /// `src` modulo 4 KiB, as a sealed block's body is past a plaintext block allocated just
 /// before it. Smaller copies take glibc's vector loop at every offset.
 fn copy(dst: &mut [u8], src: &[u8]) {
