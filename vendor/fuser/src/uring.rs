@@ -49,6 +49,7 @@ use crate::Filesystem;
 use crate::channel::ChannelSender;
 use crate::ll::fuse_abi::fuse_in_header;
 use crate::ll::fuse_abi::fuse_out_header;
+use crate::ll::fuse_abi::fuse_read_in;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
@@ -374,7 +375,8 @@ pub(crate) fn start<FS: Filesystem>(
                 // thread serving it share a CPU; the others float, so that a burst of
                 // requests from one CPU (read-ahead of a sequential read) is served on
                 // several. Measured: all pinned, seq read 826-955 MiB/s; first pinned,
-                // 1506; 4 KiB jobs the same within the noise.
+                // 1506; 4 KiB jobs the same within the noise. The first thread floats too
+                // while it serves large READs (`FLOAT_READ`; see `run_queue`).
                 let pin = (t == 0).then_some(cpu);
                 if let Err(err) = run_queue(&se, qid, pin, stop_fd, &params, &registrations) {
                     warn!("io_uring queue {qid}: {err}; requests go through /dev/fuse");
@@ -470,6 +472,22 @@ impl Entry {
             iov,
             reply: Arc::new(UringReply::new(dev, payload)),
         })
+    }
+
+    /// Whether the request the kernel put into this entry is a READ of at least
+    /// `FLOAT_READ` bytes.
+    fn is_large_read(&self) -> bool {
+        // SAFETY: the kernel has completed the command, so the header buffer is ours
+        // until the commit; no other reference to it exists now.
+        let (in_out, op_in) = unsafe {
+            let h = &*self.header;
+            (h.in_out, h.op_in)
+        };
+        // fuse_in_header: len u32, opcode u32; fuse_read_in: fh u64, offset u64, size u32.
+        let opcode = u32::from_ne_bytes([in_out[4], in_out[5], in_out[6], in_out[7]]);
+        let size = u32::from_ne_bytes([op_in[16], op_in[17], op_in[18], op_in[19]]);
+        const _: () = assert!(std::mem::offset_of!(fuse_read_in, size) == 16);
+        opcode == FUSE_READ && size >= FLOAT_READ
     }
 
     /// Dispatches the request the kernel put into this entry and leaves the reply in its
@@ -624,6 +642,17 @@ fn commit_sqe(dev: RawFd, commit_id: u64, qid: u16) -> squeue::Entry128 {
         .build()
 }
 
+const FUSE_READ: u32 = crate::ll::fuse_abi::fuse_opcode::FUSE_READ as u32;
+/// READs of this size and more are served with the queue's pinned thread free to run on
+/// any CPU (see `run_queue`).
+const FLOAT_READ: u32 = 256 << 10;
+
+fn set_affinity(set: &nix::sched::CpuSet) {
+    if let Err(err) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set) {
+        debug!("io_uring: cannot set CPU affinity: {err}");
+    }
+}
+
 fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpu).is_ok() {
@@ -643,9 +672,12 @@ fn run_queue<FS: Filesystem>(
     params: &UringParams,
     registrations: &Registrations,
 ) -> io::Result<()> {
+    // The CPUs this thread may use before pinning, for floating during large reads.
+    let all = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
     if let Some(cpu) = cpu {
         pin_to_cpu(cpu);
     }
+    let mut pinned = cpu.is_some();
     let dev = se.ch.as_fd().as_raw_fd();
     // One issuer (this thread); completions are delivered at this thread's next system
     // call rather than by interrupting it (the spin below makes one at every turn).
@@ -740,6 +772,21 @@ fn run_queue<FS: Filesystem>(
             registrations.count();
             debug!("io_uring: queue {qid} registered (pinned to {cpu:?})");
         }
+        // Large READs (sequential read-ahead) come in pairs on the caller's queue while
+        // the caller goes on copying out of the page cache on its CPU: the pinned thread
+        // floats while they last, so it can take the other CPU. Small requests pin it
+        // again, next to its caller.
+        if let (Some(cpu), Some(all)) = (cpu, all.as_ref()) {
+            let float = entry.is_large_read();
+            if float == pinned {
+                if float {
+                    set_affinity(all);
+                } else {
+                    pin_to_cpu(cpu);
+                }
+                pinned = !float;
+            }
+        }
         let commit_id = entry.serve(se);
         let sqe = commit_sqe(dev, commit_id, qid);
         // SAFETY: as for the first REGISTER.
@@ -815,6 +862,28 @@ mod tests {
         assert_eq!(h.in_out[4..8], (-libc::EIO).to_ne_bytes());
         assert_eq!(h.in_out[8..16], 42u64.to_ne_bytes());
         assert_eq!(h.ring_ent_in_out.payload_sz, 0);
+    }
+
+    #[test]
+    fn large_reads_are_told_from_the_header() {
+        let entry = Entry::new(8192, ChannelSender::for_tests()).unwrap();
+        let set = |opcode: u32, size: u32| {
+            // SAFETY: the entry is not registered with any kernel ring.
+            let h = unsafe { &mut *entry.header };
+            h.in_out[4..8].copy_from_slice(&opcode.to_ne_bytes());
+            h.op_in[16..20].copy_from_slice(&size.to_ne_bytes());
+        };
+        set(FUSE_READ, 1 << 20);
+        assert!(entry.is_large_read());
+        set(FUSE_READ, FLOAT_READ);
+        assert!(entry.is_large_read());
+        set(FUSE_READ, FLOAT_READ - 1);
+        assert!(!entry.is_large_read());
+        set(FUSE_READ, 4096);
+        assert!(!entry.is_large_read());
+        // A WRITE of 1 MiB (its size field sits elsewhere, but the opcode decides).
+        set(crate::ll::fuse_abi::fuse_opcode::FUSE_WRITE as u32, 1 << 20);
+        assert!(!entry.is_large_read());
     }
 
     /// Arms an entry's reply object as `serve` does for a request without payload.
