@@ -107,9 +107,10 @@ fn wiped() -> &'static LessSafeKey {
 
 /// `dst.copy_from_slice(src)` in pieces of at most 1 KiB. ring seals and opens in place,
 /// so every block is copied once first; glibc's `memcpy` uses `rep movsb` from 2 KiB up,
-/// which on an AMD EPYC here (VAES, no AVX-512) ran at under 3 GB/s (against 40-70) when `dst` is 1-31 bytes past
-/// `src` modulo 4 KiB, as a sealed block's body is past a plaintext block allocated just
-/// before it. Smaller copies take glibc's vector loop at every offset.
+/// which on an AMD EPYC here (VAES, no AVX-512) ran at under 3 GB/s (against 40-70) when
+/// `dst` is 1-31 bytes past `src` modulo 4 KiB, as a sealed block's body is past a
+/// plaintext block allocated just before it. Smaller copies take glibc's vector loop at
+/// every offset.
 fn copy(dst: &mut [u8], src: &[u8]) {
     for (d, s) in dst.chunks_mut(1024).zip(src.chunks(1024)) {
         d.copy_from_slice(s);

@@ -479,13 +479,10 @@ impl Entry {
     fn is_large_read(&self) -> bool {
         // SAFETY: the kernel has completed the command, so the header buffer is ours
         // until the commit; no other reference to it exists now.
-        let (in_out, op_in) = unsafe {
-            let h = &*self.header;
-            (h.in_out, h.op_in)
-        };
+        let h = unsafe { &*self.header };
         // fuse_in_header: len u32, opcode u32; fuse_read_in: fh u64, offset u64, size u32.
-        let opcode = u32::from_ne_bytes([in_out[4], in_out[5], in_out[6], in_out[7]]);
-        let size = u32::from_ne_bytes([op_in[16], op_in[17], op_in[18], op_in[19]]);
+        let opcode = u32::from_ne_bytes([h.in_out[4], h.in_out[5], h.in_out[6], h.in_out[7]]);
+        let size = u32::from_ne_bytes([h.op_in[16], h.op_in[17], h.op_in[18], h.op_in[19]]);
         const _: () = assert!(std::mem::offset_of!(fuse_read_in, size) == 16);
         opcode == FUSE_READ && size >= FLOAT_READ
     }
@@ -656,9 +653,7 @@ fn set_affinity(set: &nix::sched::CpuSet) {
 fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpu).is_ok() {
-        if let Err(err) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
-            debug!("io_uring: cannot pin to CPU {cpu}: {err}");
-        }
+        set_affinity(&set);
     }
 }
 
