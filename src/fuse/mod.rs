@@ -910,22 +910,37 @@ impl fuser::Filesystem for KekFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.create_entry(req, parent, name, |p, c| {
-            if mode & libc::S_IFMT == libc::S_IFREG {
-                let fd = sys::openat(
-                    p.raw(),
-                    c,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                    mode & 0o7777,
-                )
-                .map_err(|e| errno(&e))?;
-                let h = crate::format::file_header::FileHeader::new_random();
-                content::write_file_header(&File::from(fd), &h)
-                    .map_err(|e| new_file_failed(p.raw(), c, e))
-            } else {
-                sys::mknodat(p.raw(), c, mode, rdev as u64).map_err(|e| errno(&e))
+        let r = (|| {
+            let mut opened: Option<File> = None;
+            let made = self.create_entry(req, parent, name, |p, c| {
+                if mode & libc::S_IFMT == libc::S_IFREG {
+                    let fd = sys::openat(
+                        p.raw(),
+                        c,
+                        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                        mode & 0o7777,
+                    )
+                    .map_err(|e| errno(&e))?;
+                    let f = File::from(fd);
+                    let h = crate::format::file_header::FileHeader::new_random();
+                    content::write_file_header(&f, &h)
+                        .map_err(|e| new_file_failed(p.raw(), c, e))?;
+                    opened = Some(f);
+                    Ok(())
+                } else {
+                    sys::mknodat(p.raw(), c, mode, rdev as u64).map_err(|e| errno(&e))
+                }
+            })?;
+            if let Some(f) = opened
+                && self.no_open
+            {
+                // In no-open mode files are created here (see `create`) and opened by
+                // the kernel without a request: the descriptor just made becomes the
+                // node's shared content one, which the first write would open otherwise.
+                made.0.shared_file(|| Ok::<_, Errno>(f))?;
             }
-        });
+            Ok(made)
+        })();
         self.lister.changed();
         reply.send(r);
     }
@@ -1554,6 +1569,14 @@ impl fuser::Filesystem for KekFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        if self.no_open {
+            // Declined, so the kernel creates files with MKNOD and opens them itself from
+            // then on. A CREATE's open carries a handle, and the kernel sends a RELEASE for
+            // it on close until the mount's first OPEN has taught it no-open mode: on a
+            // fresh mount, one more request for every file created before any is opened.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let r = (|| {
             let mut opened: Option<File> = None;
             let (node, attr) = self.create_entry(req, parent, name, |p, c| {
@@ -1571,13 +1594,6 @@ impl fuser::Filesystem for KekFs {
                 Ok(())
             })?;
             let file = opened.ok_or(Errno::EIO)?;
-            if self.no_open {
-                // In no-open mode the kernel sends no RELEASE for created files either: the
-                // descriptor becomes the node's shared one, and the handle is 0 like every
-                // other open's.
-                node.shared_file(|| Ok::<_, Errno>(file))?;
-                return Ok((0, attr));
-            }
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let fh = self.new_fh();
             lock(&self.files).insert(
