@@ -54,6 +54,19 @@ fn revoke_and_restore(test: &str, revoke: &[&str], errno: i32, restore: &[&str])
         Some(errno),
         "{test}: an open handle kept working"
     );
+    // The names the kernel has cached go too (where it can drop them all, it caches them
+    // for a minute, elsewhere for a second): a stat of a path looked up just before the
+    // revocation is refused, not answered from the cache.
+    let stat_errno = || {
+        std::fs::metadata(m.p("dir/secret.txt"))
+            .err()
+            .and_then(|e| e.raw_os_error())
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || stat_errno() == Some(errno)),
+        "{test}: a cached name still resolves after revocation: {:?}",
+        stat_errno()
+    );
     let fresh = std::fs::read_dir(m.p("dir")).map(|it| it.count());
     assert!(
         fresh.is_err(),

@@ -35,8 +35,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may cache attributes and entries.
+/// How long the kernel may cache attributes, and entries where `ENTRY_TTL` does not apply.
 const TTL: Duration = Duration::from_secs(1);
+
+/// How long the kernel may cache entries (name to inode) where a revocation can drop
+/// them all at once (`FUSE_NOTIFY_INC_EPOCH`, FUSE 7.44, Linux 6.16; see `CachePurger`).
+/// kekfs is the only writer of its backing tree and the kernel updates its cache on its
+/// own creates, renames and unlinks, so a cached entry goes stale only when the backing
+/// directory is changed behind the mount. Entries are not looked up again every second
+/// then: a small-file run that outlasts the attribute TTL asked once more per file.
+const ENTRY_TTL: Duration = Duration::from_secs(60);
 
 /// The read-ahead window kekfs asks the kernel for (bytes). INIT can only lower the
 /// kernel's default (128 KiB), so the mount raises it through /sys (`cli::mount`); reads
@@ -83,7 +91,8 @@ pub struct CachePurger {
 
 impl CachePurger {
     /// Forget every cached per-file key and tell the kernel to drop cached pages and
-    /// attributes of every inode it knows, so no plaintext is served from a cache.
+    /// attributes of every inode it knows, and every name it has cached, so no plaintext
+    /// is served from a cache and every path is looked up (and refused) again.
     pub fn purge(&self, notifier: &fuser::Notifier) {
         let all = lock(&self.nodes).all();
         for n in &all {
@@ -93,6 +102,10 @@ impl CachePurger {
             if let Err(e) = notifier.inval_inode(INodeNo(n.ino), 0, 0) {
                 log::debug!("inval_inode {}: {e}", n.ino);
             }
+        }
+        // Kernels before 6.16 refuse it; there entries are cached for `TTL` only.
+        if let Err(e) = notifier.inc_epoch() {
+            log::debug!("inc_epoch: {e}");
         }
     }
 }
@@ -120,6 +133,9 @@ pub struct KekFs {
     /// its reads and writes then carry file handle 0 and use the node's shared content
     /// descriptor.
     no_open: bool,
+    /// How long the kernel may cache entries: `ENTRY_TTL` where the kernel can drop them
+    /// on a revocation, else `TTL`.
+    entry_ttl: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +186,7 @@ impl KekFs {
             read_only,
             writeback,
             no_open: false,
+            entry_ttl: TTL,
         })
     }
 
@@ -475,6 +492,11 @@ impl KekFs {
         let c = Arc::new(vol.file_cipher(&header));
         *slot = Some((epoch, c.clone()));
         Ok(Some(c))
+    }
+
+    /// An entry to reply with, and how long the kernel may cache it.
+    fn entry(&self, r: Res<(Arc<Node>, FileAttr)>) -> Res<(Arc<Node>, FileAttr, Duration)> {
+        r.map(|(node, attr)| (node, attr, self.entry_ttl))
     }
 
     fn new_fh(&self) -> u64 {
@@ -791,6 +813,10 @@ impl fuser::Filesystem for KekFs {
         self.no_open = config
             .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
             .is_ok();
+        let abi = config.kernel_abi();
+        if (abi.0, abi.1) >= (7, 44) {
+            self.entry_ttl = ENTRY_TTL;
+        }
         Ok(())
     }
 
@@ -800,7 +826,7 @@ impl fuser::Filesystem for KekFs {
             let bn = self.backing_name(&p, name)?;
             self.lookup_entry(&p, bn.entry())
         })();
-        reply.send(r);
+        reply.send(self.entry(r));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -942,7 +968,7 @@ impl fuser::Filesystem for KekFs {
             Ok(made)
         })();
         self.lister.changed();
-        reply.send(r);
+        reply.send(self.entry(r));
     }
 
     fn mkdir(
@@ -989,7 +1015,7 @@ impl fuser::Filesystem for KekFs {
             Ok(())
         });
         self.lister.changed();
-        reply.send(r);
+        reply.send(self.entry(r));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1057,7 +1083,7 @@ impl fuser::Filesystem for KekFs {
             sys::symlinkat(&t, p.raw(), c).map_err(|e| errno(&e))
         });
         self.lister.changed();
-        reply.send(r);
+        reply.send(self.entry(r));
     }
 
     fn rename(
@@ -1105,7 +1131,7 @@ impl fuser::Filesystem for KekFs {
             self.lookup_entry(&p, bn.entry())
         })();
         self.lister.changed();
-        reply.send(r);
+        reply.send(self.entry(r));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1400,11 +1426,12 @@ impl fuser::Filesystem for KekFs {
                 }
             };
             if let Some((attr, counted)) = found
-                && reply.add(
+                && reply.add_with_ttls(
                     attr.ino,
                     (at + 1) as u64,
                     OsStr::from_bytes(&e.name),
                     &TTL,
+                    &self.entry_ttl,
                     &attr,
                     Generation(0),
                 )

@@ -8,6 +8,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
 };
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A reply that can be sent from a `Res<T>`: `Ok` sends the success reply for the value,
 /// `Err(e)` sends `error(e)`.
@@ -15,11 +16,14 @@ pub(super) trait SendResult<T> {
     fn send(self, r: Res<T>);
 }
 
-/// A looked-up or created entry. The node is dropped only after the reply is sent.
-impl SendResult<(Arc<Node>, FileAttr)> for ReplyEntry {
-    fn send(self, r: Res<(Arc<Node>, FileAttr)>) {
+/// A looked-up or created entry and how long the kernel may cache it (its attributes:
+/// `TTL`). The node is dropped only after the reply is sent.
+impl SendResult<(Arc<Node>, FileAttr, Duration)> for ReplyEntry {
+    fn send(self, r: Res<(Arc<Node>, FileAttr, Duration)>) {
         match r {
-            Ok((_, attr)) => self.entry(&TTL, &attr, Generation(0)),
+            Ok((_, attr, entry_ttl)) => {
+                self.entry_with_ttls(&TTL, &entry_ttl, &attr, Generation(0))
+            }
             Err(e) => self.error(e),
         }
     }

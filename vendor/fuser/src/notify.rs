@@ -104,6 +104,15 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// Invalidate every directory entry the kernel has cached for this mount: each is
+    /// looked up again on its next use (`FUSE_NOTIFY_INC_EPOCH`, ABI 7.44, Linux 6.16).
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification (older kernels: EINVAL).
+    pub fn inc_epoch(&self) -> io::Result<()> {
+        let notif = Notification::new_inc_epoch();
+        self.send(notify_code::FUSE_NOTIFY_INC_EPOCH, &notif)
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

@@ -845,6 +845,31 @@ impl ReplyDirectoryPlus {
         ))
     }
 
+    /// Like `add`, with the entry TTL different from the attribute TTL (as
+    /// `ReplyEntry::entry_with_ttls`). Returns true if the buffer is full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_with_ttls<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        name: T,
+        attr_ttl: &Duration,
+        entry_ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) -> bool {
+        let name = name.as_ref();
+        self.buf.push(&DirEntryPlus::new(
+            ino,
+            generation,
+            DirEntOffset(offset),
+            name,
+            *entry_ttl,
+            attr.into(),
+            *attr_ttl,
+        ))
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.buf.into();
