@@ -1099,6 +1099,66 @@ mod test {
     }
 
     #[test]
+    fn reply_directory_plus_with_ttls() {
+        let time = UNIX_EPOCH + Duration::new(0x1234, 0x5678);
+        let attr = FileAttr {
+            ino: INodeNo(0x11),
+            size: 0x22,
+            blocks: 0x33,
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind: FileType::RegularFile,
+            perm: 0o644,
+            nlink: 0x55,
+            uid: 0x66,
+            gid: 0x77,
+            rdev: 0x88,
+            flags: 0x99,
+            blksize: 0xbb,
+        };
+        let attr_ttl = Duration::new(0x101, 0x202);
+        let entry_ttl = Duration::new(0x303, 0x404);
+        let fattr: crate::ll::reply::Attr = (&attr).into();
+        let mut body = vec![];
+        // fuse_entry_out: node id, generation, then the entry's TTL ahead of the attributes'.
+        body.extend(0x11u64.to_ne_bytes());
+        body.extend(0xaau64.to_ne_bytes());
+        body.extend(0x303u64.to_ne_bytes());
+        body.extend(0x101u64.to_ne_bytes());
+        body.extend(0x404u32.to_ne_bytes());
+        body.extend(0x202u32.to_ne_bytes());
+        body.extend(fattr.attr.as_bytes());
+        // fuse_dirent: inode, offset, name length, type (DT_REG), name padded to 8 bytes.
+        body.extend(0x11u64.to_ne_bytes());
+        body.extend(7u64.to_ne_bytes());
+        body.extend(3u32.to_ne_bytes());
+        body.extend(8u32.to_ne_bytes());
+        body.extend(b"abc");
+        body.resize(body.len().next_multiple_of(8), 0);
+        let mut expected = vec![];
+        expected.extend(((16 + body.len()) as u32).to_ne_bytes());
+        expected.extend(0i32.to_ne_bytes());
+        expected.extend(0xdeadbeefu64.to_ne_bytes());
+        expected.extend(body);
+
+        let sender = ReplySender::Assert(AssertSender { expected });
+        let mut reply = ReplyDirectoryPlus::new(ll::RequestId(0xdeadbeef), sender, 4096);
+        let full = reply.add_with_ttls(
+            INodeNo(0x11),
+            7,
+            "abc",
+            &attr_ttl,
+            &entry_ttl,
+            &attr,
+            ll::Generation(0xaa),
+        );
+        assert!(!full);
+        reply.ok();
+    }
+
+    #[test]
     fn reply_attr() {
         let mut expected = if cfg!(target_os = "macos") {
             vec![

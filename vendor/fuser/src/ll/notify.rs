@@ -207,6 +207,19 @@ mod test {
     }
 
     #[test]
+    fn inc_epoch() {
+        let n = Notification::new_inc_epoch()
+            .with_iovec(abi::fuse_notify_code::FUSE_NOTIFY_INC_EPOCH, ioslice_to_vec)
+            .unwrap();
+        // The header alone: length 16, the code (8) where a reply has its error, unique 0.
+        let expected = vec![
+            0x10, 0x00, 0x00, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00,
+        ];
+        assert_eq!(n, expected);
+    }
+
+    #[test]
     fn poll() {
         let n = Notification::new_poll(PollHandle(0x4321))
             .with_iovec(abi::fuse_notify_code::FUSE_POLL, ioslice_to_vec)
