@@ -730,6 +730,22 @@ impl KekFs {
     }
 }
 
+/// Create regular file `name` in `dirfd` (read-write, failing if it exists) and write
+/// a fresh file header into it; on failure nothing is left behind.
+fn new_regular_file(dirfd: i32, name: &std::ffi::CStr, mode: u32) -> Res<File> {
+    let fd = sys::openat(
+        dirfd,
+        name,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+        mode & 0o7777,
+    )
+    .map_err(|e| errno(&e))?;
+    let f = File::from(fd);
+    let h = crate::format::file_header::FileHeader::new_random();
+    content::write_file_header(&f, &h).map_err(|e| new_file_failed(dirfd, name, e))?;
+    Ok(f)
+}
+
 /// A new backing file whose header could not be written (e.g. ENOSPC): remove it, so no
 /// headerless file is left behind, and report the real errno.
 fn new_file_failed(dirfd: i32, name: &std::ffi::CStr, e: ContentError) -> Errno {
@@ -940,18 +956,7 @@ impl fuser::Filesystem for KekFs {
             let mut opened: Option<File> = None;
             let made = self.create_entry(req, parent, name, |p, c| {
                 if mode & libc::S_IFMT == libc::S_IFREG {
-                    let fd = sys::openat(
-                        p.raw(),
-                        c,
-                        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
-                        mode & 0o7777,
-                    )
-                    .map_err(|e| errno(&e))?;
-                    let f = File::from(fd);
-                    let h = crate::format::file_header::FileHeader::new_random();
-                    content::write_file_header(&f, &h)
-                        .map_err(|e| new_file_failed(p.raw(), c, e))?;
-                    opened = Some(f);
+                    opened = Some(new_regular_file(p.raw(), c, mode)?);
                     Ok(())
                 } else {
                     sys::mknodat(p.raw(), c, mode, rdev as u64).map_err(|e| errno(&e))
@@ -1607,17 +1612,7 @@ impl fuser::Filesystem for KekFs {
         let r = (|| {
             let mut opened: Option<File> = None;
             let (node, attr) = self.create_entry(req, parent, name, |p, c| {
-                let fd = sys::openat(
-                    p.raw(),
-                    c,
-                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
-                    mode & 0o7777,
-                )
-                .map_err(|e| errno(&e))?;
-                let f = File::from(fd);
-                let h = crate::format::file_header::FileHeader::new_random();
-                content::write_file_header(&f, &h).map_err(|e| new_file_failed(p.raw(), c, e))?;
-                opened = Some(f);
+                opened = Some(new_regular_file(p.raw(), c, mode)?);
                 Ok(())
             })?;
             let file = opened.ok_or(Errno::EIO)?;
